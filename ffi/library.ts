@@ -1,0 +1,76 @@
+/**
+ * Opening a native shared library: an environment override first, then a short list of
+ * candidate sonames. When nothing loads, one error lists every path tried and names the variable.
+ *
+ * @module
+ */
+
+/** Thrown when none of a library's candidate paths could be opened. */
+export class LibraryNotFoundError extends Error {
+  override name = "LibraryNotFoundError";
+  /** Every path that was tried, in order, with the loader's reason for each. */
+  readonly tried: readonly { path: string; reason: string }[];
+
+  constructor(library: string, envVar: string, tried: { path: string; reason: string }[]) {
+    super(
+      `Cannot load ${library}: tried ${
+        tried.map((t) => `"${t.path}" (${t.reason})`).join(", ")
+      }; install it or set ${envVar} to its path`,
+    );
+    this.tried = tried;
+  }
+}
+
+/** Where to look for one native library. */
+export interface LibrarySpec {
+  /** Human name used in errors, e.g. "libopus". */
+  readonly name: string;
+  /** Environment variable whose value, when set, is the only path tried. */
+  readonly envVar: string;
+  /** Sonames or paths tried in order when the variable is unset. */
+  readonly candidates: readonly string[];
+}
+
+function envOverride(envVar: string): string | undefined {
+  try {
+    const v = Deno.env.get(envVar);
+    return v === undefined || v === "" ? undefined : v;
+  } catch (e) {
+    // Without --allow-env the override cannot be read; the candidates still can be tried.
+    if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
+      return undefined;
+    }
+    throw e;
+  }
+}
+
+/**
+ * Opens the first loadable candidate of `spec` with the symbol table `symbols`.
+ *
+ * A `PermissionDenied`/`NotCapable` error (no `--allow-ffi`) is rethrown unchanged; any other
+ * failure moves on to the next candidate and ends in a {@link LibraryNotFoundError}.
+ */
+export function openLibrary<const S extends Deno.ForeignLibraryInterface>(
+  spec: LibrarySpec,
+  symbols: S,
+): Deno.DynamicLibrary<S> {
+  const override = envOverride(spec.envVar);
+  const paths = override !== undefined ? [override] : spec.candidates;
+  const tried: { path: string; reason: string }[] = [];
+  for (const path of paths) {
+    try {
+      return Deno.dlopen(path, symbols);
+    } catch (e) {
+      if (e instanceof Deno.errors.PermissionDenied || e instanceof Deno.errors.NotCapable) {
+        throw e;
+      }
+      tried.push({ path, reason: e instanceof Error ? e.message.split("\n")[0]! : String(e) });
+    }
+  }
+  throw new LibraryNotFoundError(spec.name, spec.envVar, tried);
+}
+
+/** Reads a NUL-terminated C string returned by a native call; `null` gives "". */
+export function cString(ptr: Deno.PointerValue): string {
+  return ptr === null ? "" : Deno.UnsafePointerView.getCString(ptr);
+}
