@@ -1,0 +1,699 @@
+/**
+ * PlayoutBuffer: deterministic simulations (seeded PRNG, virtual clocks) of a sender, a network
+ * with jitter, reordering, loss and duplicates, and a playback device whose clock differs from
+ * the sender's; plus small hand-driven cases.
+ */
+import assert from "node:assert/strict";
+import {
+  PlayoutBuffer,
+  type PlayoutDecision,
+  type PlayoutOptions,
+  type PlayoutStats,
+} from "../lib/playout.ts";
+
+const FRAME_MS = 20;
+const FRAME_SAMPLES = 960;
+
+/** Mulberry32: small seeded PRNG, uniform in [0, 1). */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** One packet as sent: `id` is the sender's frame index (strictly increasing, never wraps). */
+interface Sent {
+  id: number;
+  seq: number;
+  ts: number;
+  sendMs: number;
+}
+
+/**
+ * A sender producing one packet per frame on its own clock, `ppm` faster than the device
+ * (positive = faster). At each `restarts[].at` frame the sequence number and timestamp jump.
+ */
+function sender(
+  { frames, ppm, seq0 = 1000, ts0 = 5000, restarts = [] }: {
+    frames: number;
+    ppm: number;
+    seq0?: number;
+    ts0?: number;
+    restarts?: { at: number; seqJump: number; tsJump: number }[];
+  },
+): Sent[] {
+  const out: Sent[] = [];
+  let seqOff = seq0, tsOff = ts0;
+  for (let id = 0; id < frames; id++) {
+    for (const r of restarts) {
+      if (r.at === id) {
+        seqOff += r.seqJump;
+        tsOff += r.tsJump;
+      }
+    }
+    out.push({
+      id,
+      seq: ((seqOff + id) % 65536 + 65536) % 65536,
+      ts: ((tsOff + id * FRAME_SAMPLES) % 2 ** 32 + 2 ** 32) % 2 ** 32,
+      sendMs: id * FRAME_MS / (1 + ppm * 1e-6),
+    });
+  }
+  return out;
+}
+
+interface Arrival extends Sent {
+  atMs: number;
+}
+
+/** The network: base delay 10 ms + `jitter()`, independent loss, duplicates, outages. */
+function network(
+  sent: Sent[],
+  { seed, jitter, loss = 0, dup = 0, outages = [] }: {
+    seed: number;
+    jitter: (rand: () => number, id: number) => number;
+    loss?: number;
+    dup?: number;
+    outages?: [number, number][];
+  },
+): Arrival[] {
+  const rand = prng(seed);
+  const out: Arrival[] = [];
+  for (const p of sent) {
+    const lost = rand() < loss;
+    const twice = rand() < dup;
+    if (lost || outages.some(([a, b]) => p.sendMs >= a && p.sendMs < b)) continue;
+    out.push({ ...p, atMs: p.sendMs + 10 + jitter(rand, p.id) });
+    if (twice) out.push({ ...p, atMs: p.sendMs + 10 + jitter(rand, p.id) });
+  }
+  // Stable sort by arrival: packets with equal times keep sending order.
+  return out.sort((a, b) => a.atMs - b.atMs);
+}
+
+function payloadOf(p: Sent): Uint8Array {
+  const b = new Uint8Array(6 + (p.id * 7) % 90);
+  new DataView(b.buffer).setUint32(0, p.id);
+  new DataView(b.buffer).setUint16(4, p.seq);
+  for (let i = 6; i < b.length; i++) b[i] = (p.id + i) & 0xff;
+  return b;
+}
+
+function idOf(data: Uint8Array): number {
+  return new DataView(data.buffer, data.byteOffset, data.byteLength).getUint32(0);
+}
+
+function seqOf(data: Uint8Array): number {
+  return new DataView(data.buffer, data.byteOffset, data.byteLength).getUint16(4);
+}
+
+/** What the device saw, and what went wrong on the way (empty when all is well). */
+interface Run {
+  buf: PlayoutBuffer;
+  /** Sender ids whose packet was accepted, with the tick at which it was. */
+  acceptedAt: Map<number, number>;
+  /** Sender ids played, rebuilt by FEC and concealed by PLC for loss, in order. */
+  played: number[];
+  fecIds: number[];
+  plcIds: number[];
+  problems: string[];
+  /** stats snapshots every `sampleEvery` ticks: [tick, targetDepth, smoothedDepth, depth]. */
+  samples: [number, number, number, number][];
+  ticks: number;
+}
+
+/**
+ * Drives `buf` with `arrivals` and calls `next()` once per device frame (the device clock is the
+ * receiver's clock) until every packet has arrived and `tail` more frames have passed. Checks every
+ * decision as it comes: payloads are intact, play/FEC/PLC positions strictly increase, FEC data is
+ * the packet after the lost one, and PLC for loss is only chosen when that packet was not there.
+ */
+function drive(
+  buf: PlayoutBuffer,
+  arrivals: Arrival[],
+  { tail = 0, sampleEvery = 50 }: { tail?: number; sampleEvery?: number } = {},
+): Run {
+  const run: Run = {
+    buf,
+    acceptedAt: new Map(),
+    played: [],
+    fecIds: [],
+    plcIds: [],
+    problems: [],
+    samples: [],
+    ticks: 0,
+  };
+  const bySeqAccepted = new Map<number, number>(); // seq → id of the newest accepted packet
+  let pos = -1; // sender id of the last frame decided
+  let lastSeq = -1;
+  const lastArrival = arrivals.length > 0 ? arrivals[arrivals.length - 1]!.atMs : 0;
+  let p = 0;
+  for (let k = 0;; k++) {
+    const now = k * FRAME_MS;
+    for (; p < arrivals.length && arrivals[p]!.atMs <= now; p++) {
+      const a = arrivals[p]!;
+      const r = buf.push(a.seq, a.ts, a.atMs, payloadOf(a));
+      if (r === "accepted") {
+        if (run.acceptedAt.has(a.id)) run.problems.push(`id ${a.id} accepted twice`);
+        run.acceptedAt.set(a.id, k);
+        bySeqAccepted.set(a.seq, a.id);
+      }
+    }
+    const d: PlayoutDecision = buf.next(now);
+    if (d.kind === "play") {
+      const id = idOf(d.data);
+      if (seqOf(d.data) !== d.seq) run.problems.push(`tick ${k}: play seq ${d.seq} has other data`);
+      const want = payloadOf({ id, seq: d.seq, ts: 0, sendMs: 0 });
+      if (d.data.length !== want.length || d.data.some((v, i) => v !== want[i])) {
+        run.problems.push(`tick ${k}: payload of id ${id} corrupted`);
+      }
+      if (id <= pos) run.problems.push(`tick ${k}: played id ${id} after ${pos}`);
+      pos = id;
+      lastSeq = d.seq;
+      run.played.push(id);
+    } else if (d.kind === "fec") {
+      const nextId = idOf(d.data);
+      if (seqOf(d.data) !== ((d.seq + 1) & 0xffff)) {
+        run.problems.push(`tick ${k}: FEC for ${d.seq} carries seq ${seqOf(d.data)}`);
+      }
+      if (nextId - 1 <= pos) run.problems.push(`tick ${k}: FEC id ${nextId - 1} after ${pos}`);
+      if (run.acceptedAt.has(nextId - 1)) {
+        run.problems.push(`tick ${k}: FEC for id ${nextId - 1} that was accepted`);
+      }
+      pos = nextId - 1;
+      lastSeq = d.seq;
+      run.fecIds.push(pos);
+    } else if (d.kind === "plc" && d.reason === "loss") {
+      const step = (d.seq - lastSeq) & 0xffff;
+      if (lastSeq >= 0 && (step < 1 || step >= buf.capacity)) {
+        run.problems.push(`tick ${k}: PLC seq ${d.seq} after seq ${lastSeq}`);
+      }
+      const id = pos + step;
+      // The next packet must not have been waiting: FEC would have been the better choice.
+      const nextSeq = (d.seq + 1) & 0xffff;
+      const waiting = bySeqAccepted.get(nextSeq);
+      if (waiting !== undefined && waiting === id + 1) {
+        run.problems.push(`tick ${k}: PLC for id ${id} while id ${id + 1} was buffered`);
+      }
+      if (run.acceptedAt.has(id)) run.problems.push(`tick ${k}: PLC for accepted id ${id}`);
+      pos = id;
+      lastSeq = d.seq;
+      run.plcIds.push(id);
+    }
+    if (k % sampleEvery === 0) {
+      const s = buf.stats;
+      run.samples.push([k, s.targetDepth, s.smoothedDepth, s.depth]);
+    }
+    if (buf.stats.depth > buf.maxDepth && buf.stats.state === "playing") {
+      run.problems.push(`tick ${k}: depth ${buf.stats.depth} above maxDepth`);
+    }
+    run.ticks = k + 1;
+    if (now >= lastArrival + tail * FRAME_MS) break;
+  }
+  return run;
+}
+
+function assertPacketAccounting(s: PlayoutStats): void {
+  assert.equal(s.received, s.accepted + s.duplicate + s.late + s.tooEarly + s.malformed);
+  assert.equal(
+    s.accepted,
+    s.played + s.driftDrops + s.overflowDrops + s.flushed + s.buffered,
+  );
+}
+
+/**
+ * For one stream without resync: every sender id from the first played to the last decided is
+ * played, rebuilt by FEC, concealed, dropped or skipped — and each never-accepted one is
+ * concealed (FEC or PLC) or skipped.
+ */
+function assertSequenceAccounting(run: Run): void {
+  const s = run.buf.stats;
+  const first = run.played[0]!;
+  const last = Math.max(run.played.at(-1)!, run.fecIds.at(-1) ?? -1, run.plcIds.at(-1) ?? -1);
+  assert.equal(
+    last - first + 1,
+    s.played + s.fec + s.plc + s.driftDrops + s.overflowDrops + s.skipped,
+    "every sequence number passed is accounted once",
+  );
+  const concealed = new Set([...run.fecIds, ...run.plcIds]);
+  let neverAccepted = 0;
+  for (let id = first; id <= last; id++) {
+    if (!run.acceptedAt.has(id)) {
+      neverAccepted++;
+      if (s.skipped === 0) {
+        assert.ok(concealed.has(id), `id ${id} was neither accepted nor concealed`);
+      }
+    }
+  }
+  assert.equal(neverAccepted, s.fec + s.plc + s.skipped);
+}
+
+const uniformJitter = (halfWidthMs: number) => (rand: () => number) =>
+  halfWidthMs + (rand() * 2 - 1) * halfWidthMs;
+
+function newBuffer(options: Partial<PlayoutOptions> = {}): PlayoutBuffer {
+  return new PlayoutBuffer({ frameSamples: FRAME_SAMPLES, ...options });
+}
+
+const TEN_MINUTES_FRAMES = 10 * 60 * 1000 / FRAME_MS;
+/** Frames gained or lost over ten minutes at 300 ppm: 300e-6 · 600 s / 20 ms = 9. */
+const DRIFT_FRAMES = 300e-6 * 600_000 / FRAME_MS;
+
+for (const ppm of [300, -300]) {
+  Deno.test(
+    `PlayoutBuffer follows a sender ${
+      ppm > 0 ? "+" : ""
+    }${ppm} ppm through jitter, reordering, loss and duplicates`,
+    () => {
+      const buf = newBuffer();
+      const sent = sender({ frames: TEN_MINUTES_FRAMES, ppm });
+      const arrivals = network(sent, {
+        seed: ppm > 0 ? 11 : 12,
+        jitter: uniformJitter(15),
+        loss: 0.05,
+        dup: 0.02,
+      });
+      // ±15 ms on 20 ms frames reorders packets: check the simulation really does.
+      let reordered = 0;
+      for (let i = 1; i < arrivals.length; i++) {
+        if (arrivals[i]!.id < arrivals[i - 1]!.id) reordered++;
+      }
+      assert.ok(reordered > 500, `only ${reordered} reordered arrivals`);
+
+      const run = drive(buf, arrivals);
+      const s = buf.stats;
+      assert.deepEqual(run.problems, []);
+      assertPacketAccounting(s);
+      assertSequenceAccounting(run);
+
+      assert.ok(s.duplicate > 0.015 * sent.length, `duplicates ${s.duplicate}`);
+      assert.ok(s.fec > 0.03 * sent.length, `FEC chosen ${s.fec} times`);
+      assert.ok(s.fec > 5 * s.plc, `FEC ${s.fec} should dominate PLC ${s.plc} at 5 % random loss`);
+      assert.equal(s.underruns, 0);
+      assert.equal(s.resyncs, 0);
+      assert.equal(s.tooEarly, 0);
+      assert.equal(s.overflowDrops, 0);
+      assert.ok(s.late < 0.005 * sent.length, `late ${s.late}`);
+
+      // Drift: net frames removed ≈ the sender's surplus, spread over the run.
+      const net = s.driftDrops - s.driftInserts;
+      const expected = Math.sign(ppm) * DRIFT_FRAMES;
+      assert.ok(Math.abs(net - expected) <= 3, `net drift ${net}, expected ≈ ${expected}`);
+      const [wrong, right] = ppm > 0
+        ? [s.driftInserts, s.driftDrops]
+        : [s.driftDrops, s.driftInserts];
+      assert.ok(wrong <= 2, `${wrong} drift actions against the drift (start-up only)`);
+      assert.ok(right >= DRIFT_FRAMES - 3, `${right} drift actions`);
+
+      // After start-up (10 s): target and depth stay in bounds and near each other.
+      for (const [k, target, smoothed] of run.samples) {
+        if (k < 500) continue;
+        assert.ok(target >= buf.minDepth && target <= buf.maxDepth, `tick ${k}: target ${target}`);
+        assert.equal(target, 3, `tick ${k}: ±15 ms jitter on 20 ms frames needs 3 frames`);
+        assert.ok(
+          smoothed >= target - 0.5 && smoothed <= target + 1.25,
+          `tick ${k}: smoothed depth ${smoothed} vs target ${target}`,
+        );
+      }
+    },
+  );
+
+  Deno.test(
+    `PlayoutBuffer never runs dry from ${ppm > 0 ? "+" : ""}${ppm} ppm drift alone`,
+    () => {
+      const buf = newBuffer();
+      const arrivals = network(sender({ frames: TEN_MINUTES_FRAMES, ppm }), {
+        seed: 21,
+        jitter: () => 0,
+      });
+      const run = drive(buf, arrivals);
+      const s = buf.stats;
+      assert.deepEqual(run.problems, []);
+      assertPacketAccounting(s);
+      assertSequenceAccounting(run);
+      assert.equal(s.plc, 0, "no frame concealed for loss");
+      assert.equal(s.fec, 0);
+      assert.equal(s.late, 0);
+      assert.equal(s.underruns, 0);
+      assert.equal(s.targetDepth, buf.minDepth, "a calm network needs only minDepth");
+      const [wrong, right] = ppm > 0
+        ? [s.driftInserts, s.driftDrops]
+        : [s.driftDrops, s.driftInserts];
+      assert.equal(wrong, 0);
+      assert.ok(Math.abs(right - DRIFT_FRAMES) <= 2, `${right} drift actions, expected ≈ 9`);
+      assert.equal(s.played, TEN_MINUTES_FRAMES - s.driftDrops - s.buffered);
+    },
+  );
+}
+
+Deno.test("PlayoutBuffer keeps its invariants under heavy-tailed (Pareto) jitter", () => {
+  const buf = newBuffer();
+  const arrivals = network(sender({ frames: 3000, ppm: 300 }), {
+    seed: 31,
+    // Pareto, shape 1.5: mostly a few ms, now and then hundreds.
+    jitter: (rand) => Math.min(400, 4 * ((1 / (1 - rand())) ** (1 / 1.5) - 1)),
+    loss: 0.05,
+    dup: 0.02,
+  });
+  const run = drive(buf, arrivals);
+  const s = buf.stats;
+  assert.deepEqual(run.problems, []);
+  assertPacketAccounting(s);
+  assertSequenceAccounting(run);
+  assert.equal(s.underruns, 0);
+  assert.ok(s.late > 0, "a heavy tail must produce some late packets");
+  assert.ok(s.late < 0.03 * 3000, `late ${s.late}`);
+  for (const [k, target] of run.samples) {
+    assert.ok(target >= buf.minDepth && target <= buf.maxDepth, `tick ${k}: target ${target}`);
+  }
+});
+
+Deno.test("PlayoutBuffer target depth rises fast with jitter and decays slowly after", () => {
+  const buf = newBuffer();
+  // 30 s calm (≤1 ms), 30 s jittery (0–80 ms), 90 s calm again.
+  const jitteryFrom = 1500, jitteryTo = 3000;
+  const arrivals = network(sender({ frames: 7500, ppm: 0 }), {
+    seed: 41,
+    jitter: (rand, id) => id >= jitteryFrom && id < jitteryTo ? rand() * 80 : rand(),
+  });
+  const run = drive(buf, arrivals, { sampleEvery: 1 });
+  assert.deepEqual(run.problems, []);
+  assertPacketAccounting(buf.stats);
+  const target = (tick: number) => run.samples[tick]![1];
+
+  assert.equal(target(jitteryFrom - 1), buf.minDepth, "calm: target at minDepth");
+  // The short window reacts within a dozen packets, before the long one's percentile moves.
+  assert.ok(target(jitteryFrom + 12) >= 3, `target ${target(jitteryFrom + 12)} after 12 frames`);
+  assert.equal(buf.stats.underruns, 0, "the onset of jitter did not run the buffer dry");
+  // Rises within 2 s of the jitter's onset, to ≥ ceil(≈76 ms / 20 ms) + 1 = 5.
+  assert.ok(target(jitteryFrom + 100) >= 4, `target ${target(jitteryFrom + 100)} after 2 s`);
+  assert.ok(target(jitteryTo - 1) >= 5, `target ${target(jitteryTo - 1)} in the jitter`);
+  // Decays slowly: still up 5 s after the network calms, back to minDepth within 60 s,
+  // one frame at a time.
+  assert.ok(target(jitteryTo + 250) >= 4, `target ${target(jitteryTo + 250)} 5 s after`);
+  assert.equal(target(jitteryTo + 3000), buf.minDepth);
+  for (let k = jitteryTo + 1; k < jitteryTo + 3000; k++) {
+    const step = target(k) - target(k - 1);
+    assert.ok(step === 0 || step === -1, `tick ${k}: target stepped ${step} while calm`);
+  }
+  // The buffer followed the target: frames were inserted going up and dropped coming down.
+  assert.ok(buf.stats.driftInserts >= 3, `inserts ${buf.stats.driftInserts}`);
+  assert.ok(buf.stats.driftDrops >= 3, `drops ${buf.stats.driftDrops}`);
+  // And there was no flapping in the calm first half: at most the start-up adjustments.
+  const changes = run.samples.slice(250, jitteryFrom).filter((v, i, a) =>
+    i > 0 && v[1] !== a[i - 1]![1]
+  );
+  assert.ok(changes.length <= 1, `target changed ${changes.length} times while calm`);
+});
+
+Deno.test("PlayoutBuffer plays across sequence wrap-around and timestamp wrap-around", () => {
+  const buf = newBuffer();
+  const sent = sender({ frames: 3000, ppm: 0, seq0: 65536 - 700, ts0: 2 ** 32 - 1000 * 960 });
+  const arrivals = network(sent, { seed: 51, jitter: uniformJitter(15), loss: 0.05 });
+  const run = drive(buf, arrivals, { sampleEvery: 1 });
+  const s = buf.stats;
+  assert.deepEqual(run.problems, []);
+  assertPacketAccounting(s);
+  assertSequenceAccounting(run);
+  assert.ok(run.played.includes(700 - 1) || run.fecIds.includes(699) || run.plcIds.includes(699));
+  assert.ok(run.played.some((id) => id > 700), "played past seq 65535 → 0");
+  assert.equal(s.resyncs, 0);
+  assert.equal(s.tooEarly, 0);
+  assert.equal(s.late, 0);
+  assert.equal(s.underruns, 0);
+  // The timestamp wrap (at frame 1000) did not look like a jitter spike.
+  for (const [k, target] of run.samples) {
+    if (k > 250) assert.equal(target, 3, `tick ${k}: target ${target}`);
+  }
+  assert.ok(s.jitterMs < 31, `jitter ${s.jitterMs} ms`);
+  assert.equal(s.timestampJumps, 0);
+});
+
+Deno.test("PlayoutBuffer ignores a timestamp jump without a sequence jump", () => {
+  const buf = newBuffer();
+  const sent = sender({ frames: 1500, ppm: 0, restarts: [{ at: 600, seqJump: 0, tsJump: 1e8 }] });
+  const arrivals = network(sent, { seed: 55, jitter: uniformJitter(5), loss: 0.05 });
+  const run = drive(buf, arrivals, { sampleEvery: 1 });
+  const s = buf.stats;
+  assert.deepEqual(run.problems, []);
+  assertPacketAccounting(s);
+  assertSequenceAccounting(run);
+  assert.equal(s.timestampJumps, 1);
+  assert.equal(s.resyncs, 0);
+  for (const [k, target] of run.samples) {
+    if (k > 100) assert.ok(target <= 2, `tick ${k}: target ${target}`);
+  }
+});
+
+for (
+  const [name, seqJump, tsJump] of [
+    ["jumps far ahead", 20000, 123456789],
+    ["jumps back a long way", -30000, -98765],
+    ["jumps back 50", -50, 555555],
+  ] as const
+) {
+  Deno.test(`PlayoutBuffer resyncs when a restarted sender ${name}`, () => {
+    const buf = newBuffer();
+    // The restart happens at frame 600; seqJump is relative to the sender's running offset.
+    const sent = sender({ frames: 1500, ppm: 0, restarts: [{ at: 600, seqJump, tsJump }] });
+    const arrivals = network(sent, { seed: 61, jitter: uniformJitter(5) });
+    const run = drive(buf, arrivals);
+    const s = buf.stats;
+    assert.deepEqual(run.problems, []);
+    assertPacketAccounting(s);
+    assert.equal(s.resyncs, 1);
+    const rejected = s.tooEarly + s.late + s.duplicate;
+    assert.ok(rejected <= 60, `${rejected} packets rejected`);
+    // The new stream plays within 20 frames of the restart, then without a gap.
+    const resumed = run.played.findIndex((id) => id >= 600);
+    assert.ok(resumed >= 0);
+    assert.ok(run.played[resumed]! < 620, `resumed at id ${run.played[resumed]}`);
+    const after = run.played.slice(resumed);
+    assert.equal(after.at(-1)! - after[0]! + 1, after.length, "no gap after the resync");
+    assert.ok(s.jitterMs < 11, `jitter ${s.jitterMs} ms: the timestamp jump must not count`);
+    assert.ok(s.targetDepth <= 2, `target ${s.targetDepth}`);
+  });
+}
+
+Deno.test("PlayoutBuffer re-buffers after a long outage and counts the gap", () => {
+  const buf = newBuffer();
+  // The network drops everything sent between 10 s and 13 s: 150 frames.
+  const sent = sender({ frames: 1000, ppm: 0 });
+  const arrivals = network(sent, { seed: 71, jitter: uniformJitter(5), outages: [[10000, 13000]] });
+  const run = drive(buf, arrivals);
+  const s = buf.stats;
+  assert.deepEqual(run.problems, []);
+  assertPacketAccounting(s);
+  assertSequenceAccounting(run);
+  assert.equal(s.underruns, 1);
+  assert.equal(s.resyncs, 0);
+  assert.equal(s.plc, 5, "five frames concealed, then silence");
+  assert.equal(s.skipped, 150 - 5);
+  assert.equal(s.tooEarly, 0);
+  assert.ok(run.played.includes(650), "the first packet after the outage is played");
+  assert.ok(run.played.at(-1)! >= 995, `last played ${run.played.at(-1)}`);
+});
+
+// ---- Hand-driven cases -------------------------------------------------------------------
+
+/** Pushes seq (timestamp seq·960, on time for 20 ms frames) with a 3-byte payload tagged seq. */
+function pushAt(buf: PlayoutBuffer, seq: number, atMs = seq * FRAME_MS) {
+  return buf.push(seq & 0xffff, (seq * FRAME_SAMPLES) % 2 ** 32, atMs, tag(seq));
+}
+
+function tag(seq: number): Uint8Array {
+  return new Uint8Array([seq >> 8 & 0xff, seq & 0xff, 0x5a]);
+}
+
+function describe(d: PlayoutDecision): string {
+  switch (d.kind) {
+    case "play":
+      return `play ${d.seq}:${d.data[1]}`;
+    case "fec":
+      return `fec ${d.seq}:${d.data[1]}`;
+    case "plc":
+      return `plc ${d.seq} ${d.reason}`;
+    case "idle":
+      return "idle";
+  }
+}
+
+Deno.test("PlayoutBuffer prebuffers to the target, then chooses FEC when the next packet is there and PLC when not", () => {
+  const buf = newBuffer({ initialDepth: 2, driftHoldMs: 1e6 });
+  assert.equal(describe(buf.next(0)), "idle", "nothing yet");
+  assert.equal(pushAt(buf, 10), "accepted");
+  assert.equal(describe(buf.next(201)), "idle", "depth 1 < target 2");
+  assert.equal(pushAt(buf, 11), "accepted");
+  assert.equal(pushAt(buf, 13), "accepted"); // 12 lost
+  assert.equal(pushAt(buf, 16), "accepted"); // 14, 15 lost
+  const seen = [];
+  for (let i = 0; i < 7; i++) seen.push(describe(buf.next(320 + i * 20)));
+  assert.deepEqual(seen, [
+    "play 10:10",
+    "play 11:11",
+    "fec 12:13",
+    "play 13:13",
+    "plc 14 loss",
+    "fec 15:16",
+    "play 16:16",
+  ]);
+  const s = buf.stats;
+  assert.equal(s.played, 4);
+  assert.equal(s.fec, 2);
+  assert.equal(s.plc, 1);
+  assert.equal(s.depth, 0);
+  assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer classifies duplicate, late, too-early and malformed packets", () => {
+  const buf = newBuffer({ capacity: 16, maxPacketBytes: 100, driftHoldMs: 1e6 });
+  assert.equal(pushAt(buf, 100), "accepted");
+  assert.equal(pushAt(buf, 100), "duplicate", "already buffered");
+  assert.equal(pushAt(buf, 101), "accepted");
+  assert.equal(pushAt(buf, 103), "accepted");
+  assert.equal(describe(buf.next(0)), "play 100:100");
+  assert.equal(pushAt(buf, 100), "duplicate", "already played");
+  assert.equal(describe(buf.next(20)), "play 101:101");
+  assert.equal(describe(buf.next(40)), "fec 102:103");
+  assert.equal(pushAt(buf, 102), "late", "concealed already");
+  assert.equal(pushAt(buf, 103 + 15), "accepted", "inside the 16-slot window from 103");
+  assert.equal(pushAt(buf, 103 + 16), "too-early", "beyond the window");
+  assert.equal(buf.push(104, 0, 0, new Uint8Array(0)), "malformed");
+  assert.equal(buf.push(104, 0, 0, new Uint8Array(101)), "malformed");
+  assert.equal(buf.push(104, 0, 0, new Uint8Array(100)), "accepted", "exactly maxPacketBytes");
+  const s = buf.stats;
+  assert.equal(s.duplicate, 2);
+  assert.equal(s.late, 1);
+  assert.equal(s.tooEarly, 1);
+  assert.equal(s.malformed, 2);
+  assert.equal(s.accepted, 5);
+  assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer conceals a loss burst five frames, then goes idle and re-prebuffers", () => {
+  const buf = newBuffer({ initialDepth: 2, driftHoldMs: 1e6 });
+  // Arrived well ahead of their playout: the depth is above target, so no frame is stretched.
+  pushAt(buf, 0, -40);
+  pushAt(buf, 1, -20);
+  const seen = [];
+  for (let i = 0; i < 9; i++) seen.push(describe(buf.next(20 + i * 20)));
+  assert.deepEqual(seen, [
+    "play 0:0",
+    "play 1:1",
+    "plc 2 loss",
+    "plc 3 loss",
+    "plc 4 loss",
+    "plc 5 loss",
+    "plc 6 loss",
+    "idle",
+    "idle",
+  ]);
+  assert.equal(buf.stats.underruns, 1);
+  assert.equal(buf.stats.state, "buffering");
+  assert.equal(pushAt(buf, 9), "accepted");
+  assert.equal(describe(buf.next(200)), "idle", "one frame is below the target");
+  assert.equal(pushAt(buf, 8), "accepted", "reordered before the restart point");
+  assert.equal(describe(buf.next(220)), "play 8:8");
+  assert.equal(describe(buf.next(240)), "play 9:9");
+  assert.equal(buf.stats.skipped, 8 - 7, "seq 7 was jumped over at the restart");
+});
+
+Deno.test("PlayoutBuffer drops the oldest frames at once when a stall leaves it above maxDepth", () => {
+  const buf = newBuffer({ initialDepth: 2, maxDepth: 8, driftHoldMs: 1e6 });
+  pushAt(buf, 0);
+  pushAt(buf, 1);
+  assert.equal(describe(buf.next(20)), "play 0:0");
+  // The device loop stalls for 360 ms while packets keep arriving; seq 5 is lost.
+  for (let seq = 2; seq <= 19; seq++) if (seq !== 5) pushAt(buf, seq);
+  assert.equal(buf.stats.depth, 19);
+  // Depth 19 > maxDepth + 1: 1–4 and 6–10 are dropped, the hole at 5 is skipped.
+  assert.equal(describe(buf.next(380)), "play 11:11");
+  const s = buf.stats;
+  assert.equal(s.overflowDrops, 9);
+  assert.equal(s.skipped, 1);
+  assert.equal(s.depth, 8);
+  assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer copies payloads into one pool and reuses its decision objects", () => {
+  const buf = newBuffer({ initialDepth: 1, driftHoldMs: 1e6 });
+  const original = tag(1);
+  assert.equal(buf.push(1, 960, 20, original), "accepted");
+  original.fill(0);
+  const first = buf.next(20);
+  assert.equal(first.kind, "play");
+  assert.deepEqual([...(first as { data: Uint8Array }).data], [0, 1, 0x5a], "a copy");
+  const view = (first as { data: Uint8Array }).data;
+  for (let seq = 2; seq <= 1 + buf.capacity; seq++) {
+    pushAt(buf, seq);
+    const d = buf.next(seq * FRAME_MS);
+    assert.equal(d, first, "the same decision object every time");
+    assert.equal(describe(d), `play ${seq}:${seq & 0xff}`);
+    assert.equal((d as { data: Uint8Array }).data.buffer, view.buffer, "one pool");
+  }
+  // Seq 1 + capacity lands in seq 1's slot with the same length: the cached view is reused.
+  assert.equal((first as { data: Uint8Array }).data, view);
+});
+
+Deno.test("PlayoutBuffer.setFrameSamples rescales the target to the new frame length", () => {
+  const buf = newBuffer();
+  const arrivals = network(sender({ frames: 500, ppm: 0 }), {
+    seed: 81,
+    jitter: uniformJitter(15),
+  });
+  drive(buf, arrivals);
+  assert.equal(buf.stats.targetDepth, 3);
+  buf.setFrameSamples(480); // 10 ms: the same ≈28 ms of jitter now needs ceil(2.8) + 1 frames
+  buf.next(1e6);
+  assert.equal(buf.stats.targetDepth, 4);
+  assert.equal(buf.frameSamples, 480);
+  assert.throws(() => buf.setFrameSamples(1000), RangeError);
+  assert.throws(() => buf.setFrameSamples("960" as unknown as number), TypeError);
+});
+
+Deno.test("PlayoutBuffer.reset flushes the buffer and starts a new stream, keeping counters", () => {
+  const buf = newBuffer({ initialDepth: 2 });
+  pushAt(buf, 5);
+  pushAt(buf, 6);
+  pushAt(buf, 7);
+  assert.equal(describe(buf.next(0)), "play 5:5");
+  buf.reset();
+  assert.equal(buf.stats.flushed, 2);
+  assert.equal(buf.stats.state, "buffering");
+  assert.equal(describe(buf.next(20)), "idle");
+  // Seq 3 would be "late" for the old stream; after reset it starts a new one.
+  assert.equal(pushAt(buf, 3), "accepted");
+  assert.equal(pushAt(buf, 4), "accepted");
+  assert.equal(describe(buf.next(40)), "play 3:3");
+  assert.equal(buf.stats.played, 2);
+  assertPacketAccounting(buf.stats);
+});
+
+Deno.test("PlayoutBuffer rejects bad options and arguments before touching state", () => {
+  assert.throws(() => new PlayoutBuffer({ frameSamples: 1000 }), {
+    name: "RangeError",
+    message: /Invalid frameSamples "1000": expected one of 120, 240, 480, 960/,
+  });
+  assert.throws(() => newBuffer({ minDepth: 0 }), RangeError);
+  assert.throws(() => newBuffer({ minDepth: 4, maxDepth: 3 }), RangeError);
+  assert.throws(() => newBuffer({ maxDepth: 8, capacity: 9 }), {
+    name: "RangeError",
+    message: 'Invalid capacity "9": expected an integer from 10 to 32768',
+  });
+  assert.throws(() => newBuffer({ maxPacketBytes: 1.5 }), RangeError);
+  assert.throws(() => newBuffer({ jitterPercentile: 0.4 }), RangeError);
+  assert.throws(() => newBuffer({ maxDepth: "8" as unknown as number }), TypeError);
+  assert.throws(() => new PlayoutBuffer(null as unknown as PlayoutOptions), TypeError);
+
+  const buf = newBuffer();
+  assert.throws(() => buf.push(65536, 0, 0, tag(1)), RangeError);
+  assert.throws(() => buf.push(-1, 0, 0, tag(1)), RangeError);
+  assert.throws(() => buf.push(1, 2 ** 32, 0, tag(1)), RangeError);
+  assert.throws(() => buf.push(1, 0, NaN, tag(1)), RangeError);
+  assert.throws(() => buf.push(1, 0, 0, [1, 2] as unknown as Uint8Array), TypeError);
+  assert.throws(() => buf.next(Infinity), RangeError);
+  assert.equal(buf.stats.received, 0, "rejected calls are not counted");
+});
