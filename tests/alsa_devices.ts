@@ -1,0 +1,150 @@
+/**
+ * Named virtual ALSA PCMs for tests: writes a private ALSA configuration and says how to make a
+ * process (or worker) see it.
+ *
+ * How libasound picks up `ALSA_CONFIG_PATH` (checked with alsa-lib 1.2.8):
+ * - The configuration is read lazily, inside `snd_pcm_open` (through `snd_config_update`), not
+ *   when the library is loaded. `ALSA_CONFIG_PATH` is read from the process environment at every
+ *   open, so `Deno.env.set("ALSA_CONFIG_PATH", …)` before an open is enough — also after other
+ *   PCMs were opened, also from the main thread for a worker that opens later (workers share the
+ *   process environment). PCMs already open are not affected by a switch.
+ * - The configuration is re-read only when the list of files or a file's device, inode or
+ *   modification time (whole seconds) changed. Rewriting a file in place within the same second is
+ *   NOT noticed: always write a new file (these helpers do) instead of editing one.
+ * - `ALSA_CONFIG_PATH` replaces the whole configuration. With `includeSystem` (the default) the
+ *   system's `/usr/share/alsa/alsa.conf` comes first, so `file:FILE=…`, `null`, `hw:…` keep
+ *   working; without it the file is self-contained (needed under qemu on aarch64, see
+ *   TESTING.md) and only the PCMs defined here exist.
+ * - A child process gets the configuration through its environment: pass `config.env`.
+ *
+ * @module
+ */
+
+/** The system configuration that defines the standard PCMs (`hw`, `null`, `file`, …). */
+export const SYSTEM_ALSA_CONFIG = "/usr/share/alsa/alsa.conf";
+
+/**
+ * One named PCM.
+ * - `file`: the `file` plugin. Playback writes raw S16_LE samples to `outfile`; capture serves
+ *   `infile` (past its end, reads succeed but leave the buffer untouched — stop at its length).
+ *   Without `slave` it runs over a `null` PCM: no pacing at all. With `slave` (the name of a PCM
+ *   defined in the same configuration, e.g. a pulse one) it is clocked by that PCM.
+ * - `pulse`: a PulseAudio sink or source (`device`) of the server at `server`
+ *   (e.g. "unix:/tmp/x/pulse.sock"): paced like hardware.
+ */
+export type PcmDefinition =
+  | { type: "file"; infile?: string; outfile?: string; slave?: string }
+  | { type: "pulse"; server: string; device: string };
+
+/** A written ALSA configuration. */
+export interface AlsaConfig {
+  /** The file written. */
+  readonly file: string;
+  /** The value for `ALSA_CONFIG_PATH`. */
+  readonly configPath: string;
+  /** Environment for a child process: `{ ALSA_CONFIG_PATH }`. */
+  readonly env: { ALSA_CONFIG_PATH: string };
+  /** The PCM names defined. */
+  readonly names: readonly string[];
+}
+
+function configString(what: string, value: string): string {
+  if (typeof value !== "string" || value.length === 0 || /["\\\n\r\0]/.test(value)) {
+    throw new RangeError(
+      `Invalid ${what} ${JSON.stringify(value)}: expected a non-empty string without quotes, ` +
+        `backslashes or line breaks`,
+    );
+  }
+  return `"${value}"`;
+}
+
+function pcmName(name: string): string {
+  if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name)) {
+    throw new RangeError(
+      `Invalid PCM name ${JSON.stringify(name)}: expected letters, digits and underscores`,
+    );
+  }
+  return name;
+}
+
+/** The text of an ALSA configuration defining `pcms` (name → definition). */
+export function alsaConfigText(pcms: Readonly<Record<string, PcmDefinition>>): string {
+  const lines = ["# Written by kvm-audio tests/alsa_devices.ts", ""];
+  for (const [name, def] of Object.entries(pcms)) {
+    lines.push(`pcm.${pcmName(name)} {`);
+    if (def.type === "pulse") {
+      lines.push("  type pulse");
+      lines.push(`  server ${configString("pulse server", def.server)}`);
+      lines.push(`  device ${configString("pulse device", def.device)}`);
+    } else if (def.type === "file") {
+      if (def.infile === undefined && def.outfile === undefined) {
+        throw new TypeError(`Invalid file PCM ${JSON.stringify(name)}: expected infile or outfile`);
+      }
+      lines.push("  type file");
+      lines.push(
+        def.slave === undefined
+          ? "  slave.pcm { type null }"
+          : `  slave.pcm ${configString("slave PCM", pcmName(def.slave))}`,
+      );
+      // The plugin insists on an output file; capture-only PCMs discard theirs.
+      lines.push(`  file ${configString("outfile", def.outfile ?? "/dev/null")}`);
+      if (def.infile !== undefined) lines.push(`  infile ${configString("infile", def.infile)}`);
+      lines.push("  format raw");
+      lines.push("  truncate true");
+    } else {
+      throw new TypeError(
+        `Invalid PCM definition ${JSON.stringify(def)}: expected type "file" or "pulse"`,
+      );
+    }
+    lines.push("}", "");
+  }
+  return lines.join("\n");
+}
+
+let serial = 0;
+
+/**
+ * Writes a configuration defining `pcms` into directory `dir`, under a file name not used
+ * before (so libasound notices the change; see the module notes), and returns how to use it.
+ */
+export async function writeAlsaConfig(
+  dir: string,
+  pcms: Readonly<Record<string, PcmDefinition>>,
+  { includeSystem = true }: { includeSystem?: boolean } = {},
+): Promise<AlsaConfig> {
+  const text = alsaConfigText(pcms);
+  const file = `${dir}/asound-${Deno.pid}-${++serial}-${Date.now()}.conf`;
+  await Deno.writeTextFile(file, text);
+  const configPath = includeSystem ? `${SYSTEM_ALSA_CONFIG}:${file}` : file;
+  return { file, configPath, env: { ALSA_CONFIG_PATH: configPath }, names: Object.keys(pcms) };
+}
+
+/**
+ * Makes this process (and its workers) use `config` for every later `Pcm.open`. Returns a
+ * disposer that restores the previous value of `ALSA_CONFIG_PATH`.
+ */
+export function useAlsaConfig(config: AlsaConfig): Disposable {
+  const previous = Deno.env.get("ALSA_CONFIG_PATH");
+  Deno.env.set("ALSA_CONFIG_PATH", config.configPath);
+  return {
+    [Symbol.dispose]() {
+      if (previous === undefined) Deno.env.delete("ALSA_CONFIG_PATH");
+      else Deno.env.set("ALSA_CONFIG_PATH", previous);
+    },
+  };
+}
+
+/** Writes `samples` as a raw S16_LE file (little-endian hosts: x86_64, aarch64) (the format the `file` plugin reads and writes). */
+export async function writeRaw(path: string, samples: Int16Array): Promise<void> {
+  await Deno.writeFile(
+    path,
+    new Uint8Array(samples.buffer, samples.byteOffset, samples.byteLength),
+  );
+}
+
+/** Reads a raw S16_LE file into an Int16Array. */
+export async function readRaw(path: string): Promise<Int16Array> {
+  const bytes = await Deno.readFile(path);
+  const n = Math.floor(bytes.byteLength / 2);
+  return new Int16Array(bytes.buffer.slice(bytes.byteOffset, bytes.byteOffset + n * 2));
+}
