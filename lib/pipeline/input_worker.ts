@@ -1,0 +1,233 @@
+/**
+ * Input pipeline worker: received Opus packets (input ring) → adaptive playout buffer → Opus
+ * decode (normal, FEC from the next packet, or PLC) → ALSA playback. Started by the supervisor
+ * with an {@link InputInit} message.
+ *
+ * Each playback period the worker drains the input ring into the playout buffer (one copy of at
+ * most 1500 bytes per packet: reordering needs storage of its own, and the ring's slots must be
+ * released in order), asks the buffer what to play, decodes straight from the buffer's pool into
+ * the PCM buffer and writes it to the device. The device's clock paces the loop; with an unpaced
+ * virtual device ("clock" pacing) the wall clock does.
+ *
+ * The frame duration follows the packets (their TOC, read by the main thread, comes in the slot's
+ * `samples`): a sender may switch between 10 and 20 ms frames and the buffer follows.
+ *
+ * @module
+ */
+
+import type { Pcm } from "../../ffi/alsa.ts";
+import { OpusDecoder, OpusError } from "../../ffi/opus.ts";
+import { Resampler } from "../../ffi/speexdsp.ts";
+import { FrameRing } from "../frame_ring.ts";
+import { Registry } from "../metrics.ts";
+import { PlayoutBuffer } from "../playout.ts";
+import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
+import { CONTROL, epochMs, type InputInit } from "./messages.ts";
+import { inputMetrics } from "./pipeline_metrics.ts";
+import {
+  ClockPacer,
+  MetricsPoster,
+  openWithRetry,
+  post,
+  WorkerControl,
+} from "./worker_common.ts";
+
+const MAX_FRAME = 2880; // 60 ms at 48 kHz
+
+function run(init: InputInit): void {
+  const ctl = new WorkerControl(init);
+  const ring = FrameRing.attach(init.ring);
+  const registry = new Registry();
+  const m = inputMetrics(registry);
+  const poster = new MetricsPoster(registry, init.metricsIntervalMs ?? 500);
+  const preset = MICROPHONE_PRESETS[PRESET_NAMES[ctl.get(CONTROL.preset)] ?? "high"];
+  ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
+  let frame = frameSamples(preset);
+  const playout = new PlayoutBuffer({
+    frameSamples: frame,
+    minDepth: init.minDepth ?? 1,
+    maxDepth: init.maxDepth ?? 8,
+  });
+  const decCh = init.deviceChannels === 1 ? 1 : 2;
+  const decoder = OpusDecoder.create({ channels: decCh });
+  // Arrival time of each buffered sequence number, for the received→played stage.
+  const arrival = new Float64Array(65536);
+  const results = {
+    accepted: m.packets.labels({ result: "accepted" }),
+    duplicate: m.packets.labels({ result: "duplicate" }),
+    late: m.packets.labels({ result: "late" }),
+    "too-early": m.packets.labels({ result: "too-early" }),
+    malformed: m.packets.labels({ result: "malformed" }),
+  };
+  const plcLoss = m.concealed.labels({ reason: "loss" });
+  const plcDrift = m.concealed.labels({ reason: "drift" });
+
+  try {
+    while (!ctl.stopRequested) {
+      ctl.state = "starting";
+      const period = Math.round((init.deviceRate * frame) / 48000);
+      const pcm = openWithRetry(ctl, init.device, {
+        stream: "playback",
+        channels: init.deviceChannels,
+        rate: init.deviceRate,
+        periodFrames: period,
+        bufferFrames: period * 3,
+      });
+      if (pcm === null) break;
+      try {
+        post({
+          type: "ready",
+          device: {
+            name: pcm.name,
+            rate: pcm.rate,
+            channels: pcm.channels,
+            periodFrames: pcm.periodFrames,
+            bufferFrames: pcm.bufferFrames,
+          },
+        });
+        ctl.state = "running";
+        if (play(pcm)) {
+          post({ type: "ended", snapshot: registry.snapshot() });
+          return;
+        }
+      } finally {
+        pcm.close();
+      }
+    }
+  } finally {
+    decoder.close();
+    poster.flush();
+    ctl.state = "stopped";
+  }
+
+  function drain(): boolean {
+    for (let slot = ring.claim(); slot !== null; slot = ring.claim()) {
+      const n = slot.samples;
+      if (n !== frame && n > 0 && n <= MAX_FRAME) {
+        frame = n;
+        playout.setFrameSamples(n);
+      }
+      const seq = slot.seq & 0xffff;
+      const r = playout.push(seq, slot.t[1]! >>> 0, slot.t[0]!, slot.data);
+      results[r].inc();
+      if (r === "accepted") arrival[seq] = slot.t[0]!;
+    }
+    return ring.ended && ring.available === 0;
+  }
+
+  /** Plays until stopped (false) or the input ring ended and the buffer ran out (true). */
+  function play(pcm: Pcm): boolean {
+    const devCh = pcm.channels;
+    const dec = new Int16Array(MAX_FRAME * decCh);
+    const mixed = new Int16Array(MAX_FRAME * Math.max(devCh, decCh));
+    using resampler = pcm.rate === 48000 ? null : Resampler.create({
+      channels: decCh,
+      inRate: 48000,
+      outRate: pcm.rate,
+      quality: 5,
+    });
+    const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
+    const pacer = init.pace === "clock" ? new ClockPacer((frame / 48000) * 1000) : null;
+    let xruns = pcm.xruns;
+    let endedIdle = 0;
+
+    while (!ctl.stopRequested) {
+      ctl.beat();
+      ctl.checkFault();
+      poster.tick(performance.now());
+      const inputEnded = drain();
+
+      // Wait until the device has room for a frame (or the clock says one is due).
+      const need = Math.round((pcm.rate * frame) / 48000);
+      if (pacer) pacer.wait(ctl);
+      else if (pcm.avail() < need) {
+        pcm.wait(100);
+        continue;
+      }
+
+      const d = playout.next(epochMs());
+      let n = frame;
+      switch (d.kind) {
+        case "play":
+          try {
+            n = decoder.decode(d.data, dec, MAX_FRAME);
+            m.decoded.inc();
+          } catch (e) {
+            if (!(e instanceof OpusError)) throw e;
+            m.decodeErrors.inc();
+            n = decoder.conceal(dec, frame);
+          }
+          break;
+        case "fec":
+          n = decoder.decodeFec(d.data, dec, frame);
+          m.fec.inc();
+          break;
+        case "plc":
+          n = decoder.conceal(dec, frame);
+          (d.reason === "loss" ? plcLoss : plcDrift).inc();
+          break;
+        case "idle":
+          dec.fill(0, 0, frame * decCh);
+          m.silence.inc();
+          break;
+      }
+      if (d.kind === "idle" && inputEnded) {
+        if (++endedIdle > 2) return true;
+      }
+
+      // Channels, then rate.
+      let out = dec, outCh = decCh;
+      if (devCh !== decCh) {
+        for (let i = 0; i < n; i++) {
+          for (let c = 0; c < devCh; c++) {
+            mixed[i * devCh + c] = decCh === 1 ? dec[i]! : dec[i * 2 + Math.min(c, 1)]!;
+          }
+        }
+        out = mixed;
+        outCh = devCh;
+      }
+      let frames = n;
+      if (resampler) {
+        const r = resampler.process(out.subarray(0, n * outCh), resBuf);
+        out = resBuf;
+        frames = r.outFrames;
+      }
+      let written = 0;
+      while (written < frames && !ctl.stopRequested) {
+        const w = pcm.writei(out.subarray(written * outCh), frames - written);
+        written += w;
+        if (w === 0) {
+          ctl.beat();
+          pcm.wait(100);
+        }
+      }
+      if (pcm.xruns !== xruns) {
+        m.xruns.inc(pcm.xruns - xruns);
+        xruns = pcm.xruns;
+      }
+      m.played.inc();
+      if (d.kind === "play") {
+        const queued = Math.max(0, pcm.delay()) - frames;
+        const audibleAt = epochMs() + (Math.max(0, queued) / pcm.rate) * 1000;
+        m.receivedToPlayed.observe(audibleAt - arrival[d.seq & 0xffff]!);
+      }
+      const s = playout.stats;
+      m.depth.set(s.depth);
+      m.target.set(s.targetDepth);
+      m.jitter.set(s.jitterMs);
+      const drops = m.driftDrops.value();
+      if (drops !== s.driftDrops) m.driftDrops.inc(s.driftDrops - drops);
+    }
+    return false;
+  }
+}
+
+const scope = self as unknown as {
+  onmessage: ((ev: MessageEvent<InputInit>) => void) | null;
+  close(): void;
+};
+scope.onmessage = (ev) => {
+  scope.onmessage = null;
+  run(ev.data);
+  scope.close();
+};

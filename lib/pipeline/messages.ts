@@ -1,0 +1,137 @@
+/**
+ * What the main thread and the pipeline workers say to each other.
+ *
+ * The workers run synchronous loops (a blocking-with-timeout device wait per period), so they do
+ * not return to their event loop while running and cannot receive messages: everything the main
+ * thread tells a running worker goes through shared memory — the supervisor's control block
+ * (heartbeat, stop, state; words 0–7) plus the pipeline words below — and the frames themselves go
+ * through {@link FrameRing}s. Workers do post messages *to* the main thread (ready, metrics
+ * snapshots, device errors, ended).
+ *
+ * Ring slot conventions:
+ * - **Output ring** (worker → main): one Opus packet per slot. `seq` = frame counter (wraps),
+ *   `samples` = samples per channel at 48 kHz, `flags` = {@link FrameFlag} bits,
+ *   `t[0]` = when the frame's last sample was captured (device time corrected by
+ *   `snd_pcm_delay`), `t[1]` = encode done, `t[2]` = RTP timestamp (48 kHz ticks, uint32),
+ *   `t[3]` = channels of the packet.
+ * - **Input ring** (main → worker): one received Opus packet per slot. `seq` = RTP/WebSocket
+ *   sequence number (uint16), `t[0]` = arrival time, `t[1]` = media timestamp (48 kHz ticks,
+ *   uint32). The worker copies it into its playout buffer at once.
+ *
+ * All times are epoch milliseconds ({@link epochMs}), comparable across threads.
+ *
+ * @module
+ */
+
+import type { RegistrySnapshot } from "../metrics.ts";
+import type { PresetName } from "../quality.ts";
+
+export { epochMs, FrameFlag } from "../frame_ring.ts";
+import type { FrameRing } from "../frame_ring.ts";
+export type { FrameRing };
+
+/** Pipeline control words (after the supervisor's generic words 0–7). */
+export const CONTROL = {
+  /** Index into PRESET_NAMES of the preset the worker should use; the main thread writes it. */
+  preset: 8,
+  /** 1 = muted (output: capture continues, nothing is encoded or published). */
+  muted: 9,
+  /** Test-only fault switch, see {@link FAULT}; ignored unless the worker was started with faults allowed. */
+  fault: 10,
+  /** The preset index the worker has applied (the worker writes it). */
+  appliedPreset: 11,
+  /** Encoders rebuilt for a preset change so far (the worker writes it). */
+  rebuilds: 12,
+  /** Live `opus_encoder_ctl` preset changes so far (the worker writes it). */
+  liveChanges: 13,
+  /** Bumped by the main thread after writing `preset`, so the worker notices a change. */
+  generation: 14,
+} as const;
+
+/** Values of the test-only fault switch. */
+export const FAULT = {
+  none: 0,
+  /** Throw an exception from the loop (a crash the supervisor must restart). */
+  throw: 1,
+  /** Spin without beating (a stall the supervisor must detect). */
+  stall: 2,
+} as const;
+
+/** Shared init fields of both pipeline workers. */
+interface InitCommon {
+  /** The supervisor's control block. */
+  readonly control: SharedArrayBuffer;
+  /** Which restart this is (0 = first start). */
+  readonly incarnation: number;
+  /** Honour the fault switch (tests only). */
+  readonly allowFaults?: boolean;
+  /** How often to post a metrics snapshot. */
+  readonly metricsIntervalMs?: number;
+  /**
+   * Pacing: "device" (default) waits on the PCM; "clock" paces by the wall clock for unpaced
+   * virtual devices (the ALSA `file` plugin over `null`), as hardware would.
+   */
+  readonly pace?: "device" | "clock";
+}
+
+/** Init message of the output (capture → Opus) worker. */
+export interface OutputInit extends InitCommon {
+  readonly kind: "output";
+  /** Opus frames out. */
+  readonly ring: SharedArrayBuffer;
+  /** ALSA capture PCM name, e.g. "hw:0,0" or "default". */
+  readonly device: string;
+  /** Rate asked of the device; resampled to 48 kHz when the device gives another. */
+  readonly deviceRate: number;
+  /** Channels asked of the device (down- or up-mixed to the preset's). */
+  readonly deviceChannels: number;
+  /** Stop after this many 48 kHz sample frames captured (finite test input). */
+  readonly maxSamples?: number;
+  /** Sequence number of the first frame (continues across restarts). */
+  readonly firstSeq: number;
+  /** RTP timestamp (48 kHz ticks) of the first frame (continues across restarts). */
+  readonly firstTimestamp: number;
+}
+
+/** Init message of the input (Opus → playback) worker. */
+export interface InputInit extends InitCommon {
+  readonly kind: "input";
+  /** Received Opus packets in. */
+  readonly ring: SharedArrayBuffer;
+  /** ALSA playback PCM name, e.g. "hw:1,0". */
+  readonly device: string;
+  readonly deviceRate: number;
+  readonly deviceChannels: number;
+  /** Playout buffer bounds in frames. */
+  readonly minDepth?: number;
+  readonly maxDepth?: number;
+}
+
+export type PipelineInit = OutputInit | InputInit;
+
+/** What the device gave when opened. */
+export interface DeviceInfo {
+  readonly name: string;
+  readonly rate: number;
+  readonly channels: number;
+  readonly periodFrames: number;
+  readonly bufferFrames: number;
+}
+
+/** Messages a pipeline worker posts to the main thread. */
+export type WorkerMessage =
+  | { readonly type: "ready"; readonly device: DeviceInfo }
+  | { readonly type: "device-error"; readonly error: string; readonly retryInMs: number }
+  | { readonly type: "metrics"; readonly snapshot: RegistrySnapshot }
+  | {
+    readonly type: "preset";
+    readonly preset: PresetName;
+    readonly how: "live" | "rebuilt";
+  }
+  | { readonly type: "ended"; readonly snapshot: RegistrySnapshot }
+  | { readonly type: "fatal"; readonly error: string };
+
+/** Output ring geometry: 1500-byte slots hold any packet our presets produce; 64 slots ≈ 0.6–1.3 s. */
+export const OUTPUT_RING = { slots: 64, slotBytes: 1500 } as const;
+/** Input ring geometry: any packet up to 1500 bytes; the worker drains it every period. */
+export const INPUT_RING = { slots: 64, slotBytes: 1500 } as const;

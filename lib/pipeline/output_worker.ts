@@ -1,0 +1,264 @@
+/**
+ * Output pipeline worker: ALSA capture → (resample to 48 kHz) → Opus encode straight into an
+ * output ring slot → publish. Started by the supervisor with an {@link OutputInit} message.
+ *
+ * The loop never blocks without a bound: the PCM is non-blocking and waited on with a 100 ms
+ * timeout, so the supervisor can always stop or terminate it. It never waits for the main thread:
+ * a full ring drops its oldest frame.
+ *
+ * Capture timestamp (`t[0]`): the moment the frame's *last* sample was captured, i.e. the time of
+ * the read minus what `snd_pcm_delay` says is still queued behind it, minus the samples that
+ * remain in the accumulator after this frame. Frame accumulation itself (the frame duration) is
+ * physics and not counted in the capture→encoded stage.
+ *
+ * Preset changes (control word {@link CONTROL.generation}) are applied between frames: through
+ * `opus_encoder_ctl` on the running encoder when only codec settings differ, by a new encoder
+ * when channels, frame duration or application differ. The accumulator carries the samples over,
+ * so no audio is lost by a change.
+ *
+ * @module
+ */
+
+import type { Pcm } from "../../ffi/alsa.ts";
+import { OpusEncoder } from "../../ffi/opus.ts";
+import { Resampler } from "../../ffi/speexdsp.ts";
+import { FrameRing } from "../frame_ring.ts";
+import { Registry } from "../metrics.ts";
+import {
+  encoderSettings,
+  frameSamples,
+  needsNewEncoder,
+  OUTPUT_PRESETS,
+  type Preset,
+  PRESET_NAMES,
+} from "../quality.ts";
+import { CONTROL, epochMs, FrameFlag, type OutputInit } from "./messages.ts";
+import {
+  ClockPacer,
+  MetricsPoster,
+  openWithRetry,
+  post,
+  WorkerControl,
+} from "./worker_common.ts";
+import { outputMetrics } from "./pipeline_metrics.ts";
+
+/** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
+function mixChannels(
+  src: Int16Array,
+  srcCh: number,
+  dst: Int16Array,
+  dstCh: number,
+  frames: number,
+): void {
+  if (srcCh === dstCh) {
+    dst.set(src.subarray(0, frames * srcCh));
+  } else if (dstCh === 1) {
+    for (let i = 0; i < frames; i++) {
+      let sum = 0;
+      for (let c = 0; c < srcCh; c++) sum += src[i * srcCh + c]!;
+      dst[i] = Math.round(sum / srcCh);
+    }
+  } else {
+    // dstCh === 2: mono duplicated, or the first two of many channels.
+    for (let i = 0; i < frames; i++) {
+      const l = src[i * srcCh]!;
+      dst[2 * i] = l;
+      dst[2 * i + 1] = srcCh === 1 ? l : src[i * srcCh + 1]!;
+    }
+  }
+}
+
+function presetFromControl(ctl: WorkerControl): Preset {
+  const name = PRESET_NAMES[ctl.get(CONTROL.preset)] ?? "high";
+  return OUTPUT_PRESETS[name];
+}
+
+function run(init: OutputInit): void {
+  const ctl = new WorkerControl(init);
+  const ring = FrameRing.attach(init.ring);
+  const registry = new Registry();
+  const m = outputMetrics(registry);
+  const poster = new MetricsPoster(registry, init.metricsIntervalMs ?? 500);
+  let seq = init.firstSeq | 0;
+  let rtp = init.firstTimestamp >>> 0;
+  let captured48 = 0;
+  const maxSamples = init.maxSamples ?? Infinity;
+
+  let preset = presetFromControl(ctl);
+  let generation = ctl.get(CONTROL.generation);
+  let encoder = OpusEncoder.create(
+    { channels: preset.channels, application: preset.application },
+    encoderSettings(preset),
+  );
+  ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
+
+  const applyPreset = () => {
+    generation = ctl.get(CONTROL.generation);
+    const next = presetFromControl(ctl);
+    if (next === preset) return;
+    if (needsNewEncoder(preset, next)) {
+      const fresh = OpusEncoder.create(
+        { channels: next.channels, application: next.application },
+        encoderSettings(next),
+      );
+      encoder.close();
+      encoder = fresh;
+      Atomics.add(ctl.words, CONTROL.rebuilds, 1);
+      post({ type: "preset", preset: next.name, how: "rebuilt" });
+    } else {
+      encoder.configure(encoderSettings(next));
+      Atomics.add(ctl.words, CONTROL.liveChanges, 1);
+      post({ type: "preset", preset: next.name, how: "live" });
+    }
+    preset = next;
+    ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
+  };
+
+  try {
+    while (!ctl.stopRequested) {
+      ctl.state = "starting";
+      const pcm = openWithRetry(ctl, init.device, {
+        stream: "capture",
+        channels: init.deviceChannels,
+        rate: init.deviceRate,
+        periodFrames: Math.round(init.deviceRate / 100),
+        bufferFrames: Math.round(init.deviceRate / 100) * 8,
+      });
+      if (pcm === null) break;
+      try {
+        post({
+          type: "ready",
+          device: {
+            name: pcm.name,
+            rate: pcm.rate,
+            channels: pcm.channels,
+            periodFrames: pcm.periodFrames,
+            bufferFrames: pcm.bufferFrames,
+          },
+        });
+        ctl.state = "running";
+        const ended = capture(pcm);
+        if (ended) {
+          ring.end();
+          post({ type: "ended", snapshot: registry.snapshot() });
+          return;
+        }
+      } finally {
+        pcm.close();
+      }
+    }
+  } finally {
+    encoder.close();
+    poster.flush();
+    ctl.state = "stopped";
+  }
+
+  /** Runs until stopped (false) or the finite input ended (true). */
+  function capture(pcm: Pcm): boolean {
+    const devCh = pcm.channels;
+    const period = pcm.periodFrames;
+    const capBuf = new Int16Array(period * devCh);
+    using resampler = pcm.rate === 48000 ? null : Resampler.create({
+      channels: devCh,
+      inRate: pcm.rate,
+      outRate: 48000,
+      quality: 5,
+    });
+    const resBuf = new Int16Array(
+      (resampler ? resampler.outputFramesFor(period) : period) * devCh,
+    );
+    // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack).
+    const acc = new Int16Array((2880 + resBuf.length / devCh + period) * devCh);
+    let accFrames = 0;
+    const enc = new Int16Array(2880 * 2);
+    const pacer = init.pace === "clock" ? new ClockPacer((period / pcm.rate) * 1000) : null;
+    let xruns = pcm.xruns;
+    pcm.start();
+
+    while (!ctl.stopRequested) {
+      ctl.beat();
+      ctl.checkFault();
+      if (ctl.get(CONTROL.generation) !== generation) applyPreset();
+      poster.tick(performance.now());
+
+      if (pacer) pacer.wait(ctl);
+      else if (!pcm.wait(100)) continue;
+      const n = pcm.readi(capBuf, period);
+      if (pcm.xruns !== xruns) {
+        m.xruns.inc(pcm.xruns - xruns);
+        xruns = pcm.xruns;
+      }
+      if (n === 0) continue;
+      const readAt = epochMs();
+      const queued = pcm.delay();
+      m.captured.inc(n);
+
+      // To 48 kHz, into the accumulator.
+      let src = capBuf, frames = n;
+      if (resampler) {
+        const r = resampler.process(capBuf.subarray(0, n * devCh), resBuf);
+        src = resBuf;
+        frames = r.outFrames;
+      }
+      if (captured48 + frames > maxSamples) frames = Math.max(0, maxSamples - captured48);
+      captured48 += frames;
+      acc.set(src.subarray(0, frames * devCh), accFrames * devCh);
+      accFrames += frames;
+      // When the last accumulated sample was captured.
+      const lastAt = readAt - (Math.max(0, queued) / pcm.rate) * 1000;
+
+      let fs = frameSamples(preset);
+      let start = 0;
+      while (accFrames - start >= fs) {
+        const remaining = accFrames - start - fs;
+        const frameAt = lastAt - (remaining / 48000) * 1000;
+        if (ctl.get(CONTROL.muted) !== 0) {
+          m.muted.inc();
+        } else {
+          const ch = preset.channels;
+          const pcmIn = devCh === ch
+            ? acc.subarray(start * devCh, (start + fs) * devCh)
+            : (mixChannels(acc.subarray(start * devCh), devCh, enc, ch, fs), enc);
+          const slot = ring.reserve();
+          const bytes = encoder.encode(pcmIn, fs, slot.data);
+          const done = epochMs();
+          slot.seq = seq;
+          slot.samples = fs;
+          slot.flags = bytes <= 2 ? FrameFlag.silence : 0;
+          slot.t[0] = frameAt;
+          slot.t[1] = done;
+          slot.t[2] = rtp;
+          slot.t[3] = ch;
+          ring.publish(slot, bytes);
+          m.encoded.inc();
+          m.bytes.inc(bytes);
+          m.captureToEncoded.observe(done - frameAt);
+        }
+        seq = (seq + 1) | 0;
+        rtp = (rtp + fs) >>> 0;
+        start += fs;
+        // A preset change takes effect at this frame boundary.
+        if (ctl.get(CONTROL.generation) !== generation) {
+          applyPreset();
+          fs = frameSamples(preset);
+        }
+      }
+      if (start > 0) {
+        acc.copyWithin(0, start * devCh, accFrames * devCh);
+        accFrames -= start;
+      }
+      if (captured48 >= maxSamples) return true;
+    }
+    return false;
+  }
+}
+
+const scope = self as unknown as {
+  onmessage: ((ev: MessageEvent<OutputInit>) => void) | null;
+  close(): void;
+};
+scope.onmessage = (ev) => {
+  scope.onmessage = null;
+  run(ev.data);
+  scope.close();
+};

@@ -1,0 +1,141 @@
+/**
+ * What both pipeline workers share: the heartbeat and stop words, the test-only fault switch,
+ * opening a device with retry and backoff, and posting metrics.
+ *
+ * @module
+ */
+
+import { AlsaError, Pcm, type PcmOptions } from "../../ffi/alsa.ts";
+import { LibraryNotFoundError } from "../../ffi/library.ts";
+import type { Registry } from "../metrics.ts";
+import { CONTROL_WORD, WORKER_STATE, type WorkerStateName } from "../supervisor.ts";
+import { CONTROL, FAULT, type PipelineInit, type WorkerMessage } from "./messages.ts";
+
+/** The worker's side of its control block. */
+export class WorkerControl {
+  readonly words: Int32Array;
+  readonly #allowFaults: boolean;
+
+  constructor(init: PipelineInit) {
+    this.words = new Int32Array(init.control);
+    this.#allowFaults = init.allowFaults === true;
+  }
+
+  /** Tells the supervisor this worker is alive. Call at least every 100 ms. */
+  beat(): void {
+    Atomics.add(this.words, CONTROL_WORD.heartbeat, 1);
+  }
+
+  /** Whether the supervisor asked for a graceful stop. */
+  get stopRequested(): boolean {
+    return Atomics.load(this.words, CONTROL_WORD.stop) !== 0;
+  }
+
+  set state(s: WorkerStateName) {
+    Atomics.store(this.words, CONTROL_WORD.state, WORKER_STATE[s]);
+  }
+
+  /** Reads a pipeline word. */
+  get(word: number): number {
+    return Atomics.load(this.words, word);
+  }
+
+  /** Writes a pipeline word. */
+  set(word: number, value: number): void {
+    Atomics.store(this.words, word, value);
+  }
+
+  /** Sleeps up to `ms`, beating every 50 ms and waking early on a stop request. */
+  sleep(ms: number): void {
+    const end = performance.now() + ms;
+    for (;;) {
+      this.beat();
+      const left = end - performance.now();
+      if (left <= 0 || this.stopRequested) return;
+      Atomics.wait(this.words, CONTROL_WORD.stop, 0, Math.min(50, left));
+    }
+  }
+
+  /** Acts on the test-only fault switch (a no-op unless faults are allowed). */
+  checkFault(): void {
+    if (!this.#allowFaults) return;
+    const f = Atomics.exchange(this.words, CONTROL.fault, FAULT.none);
+    if (f === FAULT.throw) throw new Error("Injected fault: the pipeline loop threw");
+    if (f === FAULT.stall) {
+      // Spin without beating until stopped from outside (terminate) — a stalled device loop.
+      for (;;) Atomics.wait(this.words, CONTROL.fault, 0, 1000);
+    }
+  }
+}
+
+/** Posts a message to the main thread. */
+export function post(msg: WorkerMessage): void {
+  (globalThis as unknown as { postMessage(m: unknown): void }).postMessage(msg);
+}
+
+/** Whether an error means "the device is not there or not usable now" (retry), not a bug. */
+export function isDeviceError(e: unknown): boolean {
+  return e instanceof AlsaError || e instanceof LibraryNotFoundError;
+}
+
+/**
+ * Opens `device`, retrying with exponential backoff (250 ms doubling to 5 s) while it is missing
+ * or busy, reporting each failure. Returns `null` when a stop was requested meanwhile.
+ */
+export function openWithRetry(
+  ctl: WorkerControl,
+  device: string,
+  opts: PcmOptions,
+): Pcm | null {
+  let backoff = 250;
+  for (;;) {
+    if (ctl.stopRequested) return null;
+    ctl.beat();
+    try {
+      return Pcm.open(device, opts);
+    } catch (e) {
+      if (!isDeviceError(e)) throw e;
+      ctl.state = "waiting-for-device";
+      post({ type: "device-error", error: (e as Error).message, retryInMs: backoff });
+      ctl.sleep(backoff);
+      backoff = Math.min(backoff * 2, 5000);
+    }
+  }
+}
+
+/** Posts a metrics snapshot every `intervalMs`. */
+export class MetricsPoster {
+  #next = 0;
+  constructor(readonly registry: Registry, readonly intervalMs = 500) {}
+
+  /** Posts when due. */
+  tick(now: number): void {
+    if (now < this.#next) return;
+    this.#next = now + this.intervalMs;
+    post({ type: "metrics", snapshot: this.registry.snapshot() });
+  }
+
+  /** Posts now. */
+  flush(): void {
+    post({ type: "metrics", snapshot: this.registry.snapshot() });
+  }
+}
+
+/**
+ * Paces a loop by the wall clock for unpaced devices: {@link wait} returns once the next period
+ * is due (beating meanwhile). Catches up without bursts after a long stall.
+ */
+export class ClockPacer {
+  #due: number;
+  constructor(readonly periodMs: number) {
+    this.#due = performance.now();
+  }
+
+  wait(ctl: WorkerControl): void {
+    this.#due += this.periodMs;
+    const now = performance.now();
+    if (this.#due < now - 100) this.#due = now; // fell far behind: resynchronise
+    const left = this.#due - now;
+    if (left > 0) ctl.sleep(left);
+  }
+}

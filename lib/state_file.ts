@@ -1,0 +1,66 @@
+/**
+ * The control state that must survive a crash of the whole process (a fault inside a C library
+ * ends the process, not just a worker): presets, mute, which pipelines run. Written atomically
+ * (a temporary file in the same directory, then a rename) on every change and read at start.
+ *
+ * @module
+ */
+
+import { type PresetName, PRESET_NAMES } from "./quality.ts";
+
+/** What is saved. */
+export interface ControlState {
+  outputPreset: PresetName;
+  microphonePreset: PresetName;
+  muted: boolean;
+  outputRunning: boolean;
+  microphoneRunning: boolean;
+}
+
+function isPreset(v: unknown): v is PresetName {
+  return typeof v === "string" && (PRESET_NAMES as readonly string[]).includes(v);
+}
+
+/**
+ * Reads the state file. A missing file gives `null`; a corrupt one is reported through
+ * `onInvalid` and also gives `null` (the service then starts from its flags rather than refusing
+ * to start). Fields that are missing or invalid are left out.
+ */
+export function readControlState(
+  path: string,
+  onInvalid: (message: string) => void,
+): Partial<ControlState> | null {
+  let text: string;
+  try {
+    text = Deno.readTextFileSync(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return null;
+    throw e;
+  }
+  let raw: unknown;
+  try {
+    raw = JSON.parse(text);
+  } catch (e) {
+    onInvalid(`Cannot read state file "${path}": ${(e as Error).message}`);
+    return null;
+  }
+  if (typeof raw !== "object" || raw === null) {
+    onInvalid(`Cannot read state file "${path}": expected a JSON object`);
+    return null;
+  }
+  const r = raw as Record<string, unknown>;
+  const out: Partial<ControlState> = {};
+  if (isPreset(r.outputPreset)) out.outputPreset = r.outputPreset;
+  if (isPreset(r.microphonePreset)) out.microphonePreset = r.microphonePreset;
+  for (const k of ["muted", "outputRunning", "microphoneRunning"] as const) {
+    if (typeof r[k] === "boolean") out[k] = r[k];
+  }
+  return out;
+}
+
+/** Writes the state file atomically. */
+export function writeControlState(path: string, state: ControlState): void {
+  const tmp = `${path}.${Deno.pid}.tmp`;
+  Deno.writeTextFileSync(tmp, JSON.stringify(state, null, 2) + "\n");
+  Deno.renameSync(tmp, path);
+}
