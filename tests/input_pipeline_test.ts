@@ -1,0 +1,136 @@
+import assert from "node:assert/strict";
+import { OpusEncoder } from "../ffi/opus.ts";
+import { AudioService } from "../lib/service.ts";
+import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
+import { readRaw, useAlsaConfig, writeAlsaConfig } from "./alsa_devices.ts";
+import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+
+/** Deterministic PRNG (mulberry32). */
+function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function counter(json: ReturnType<AudioService["metrics"]["toJSON"]>, name: string): number {
+  const v = json.counters[name];
+  if (typeof v === "number") return v;
+  if (v === undefined) return 0;
+  return Object.values(v as Record<string, number>).reduce((a, b) => a + b, 0);
+}
+
+function labelled(
+  json: ReturnType<AudioService["metrics"]["toJSON"]>,
+  name: string,
+  label: string,
+): number {
+  const v = json.counters[name] as Record<string, number> | number | undefined;
+  if (v === undefined || typeof v === "number") return 0;
+  return Object.entries(v).filter(([k]) => k.includes(`"${label}"`)).reduce((a, [, n]) => a + n, 0);
+}
+
+for (const ppm of [300, -300]) {
+  Deno.test(`input pipeline: jitter, reordering, 5 % loss, duplicates and ${ppm} ppm drift → the tone plays`, async () => {
+    await using dir = await tempDir();
+    const outfile = `${dir.path}/out.raw`;
+    const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
+    using _cfg = useAlsaConfig(cfg);
+    const p = MICROPHONE_PRESETS.high;
+    const frame = frameSamples(p);
+    const seconds = 6;
+    const service = new AudioService({
+      capture: null,
+      playback: "kvm_test_playback",
+      microphonePreset: "high",
+      pace: "clock",
+      metricsIntervalMs: 100,
+    });
+    service.start();
+
+    using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
+    const pcm = tone({ freq: 600, frames: 48000 * seconds, amplitude: 0.4 });
+    const rnd = prng(ppm > 0 ? 7 : 11);
+    const packets: { at: number; seq: number; ts: number; data: Uint8Array }[] = [];
+    const buf = new Uint8Array(1500);
+    const period = (frame / 48) * (1 - ppm * 1e-6); // sender clock vs ours
+    let lost = 0, dups = 0;
+    for (let i = 0; i < (48000 * seconds) / frame; i++) {
+      const n = enc.encode(pcm.subarray(i * frame, (i + 1) * frame), frame, buf);
+      const data = buf.slice(0, n);
+      const seq = (65500 + i) & 0xffff; // wraps during the test
+      const ts = (4294900000 + i * frame) >>> 0; // so does the timestamp
+      if (rnd() < 0.05) {
+        lost++;
+        continue;
+      }
+      const at = i * period + rnd() * 30; // up to 30 ms of jitter: reorders neighbours
+      packets.push({ at, seq, ts, data });
+      if (rnd() < 0.02) {
+        dups++;
+        packets.push({ at: at + rnd() * 40, seq, ts, data });
+      }
+    }
+    packets.sort((a, b) => a.at - b.at);
+    let reordered = 0;
+    for (let i = 1; i < packets.length; i++) {
+      const d = (packets[i]!.seq - packets[i - 1]!.seq) & 0xffff;
+      if (d > 0x8000) reordered++;
+    }
+    assert.ok(reordered > 5, `the schedule reorders packets (${reordered})`);
+
+    // Send on schedule, sampling the playout depth as we go.
+    const t0 = performance.now();
+    const depths: number[] = [];
+    let next = 0;
+    while (next < packets.length) {
+      const now = performance.now() - t0;
+      while (next < packets.length && packets[next]!.at <= now) {
+        const pk = packets[next++]!;
+        assert.equal(service.pushMicrophonePacket(pk.data, pk.seq, pk.ts, "local"), "queued");
+      }
+      const g = service.metrics.toJSON().gauges["kvm_audio_playout_depth_frames"];
+      if (typeof g === "number") depths.push(g);
+      await sleep(5);
+    }
+    await sleep(500);
+    const json = service.metrics.toJSON();
+    await service.close();
+
+    // The depth stayed within the buffer's bounds (1..8 frames, +1 transient before a drop).
+    const maxDepth = Math.max(...depths);
+    assert.ok(maxDepth <= 9, `max depth ${maxDepth}`);
+
+    // Counters add up.
+    const received = counter(json, "kvm_audio_input_packets_received_total");
+    assert.equal(received, packets.length);
+    const taken = counter(json, "kvm_audio_input_packets_total");
+    assert.equal(taken, received, "every received packet reached the playout buffer");
+    const accepted = labelled(json, "kvm_audio_input_packets_total", "accepted");
+    const duplicate = labelled(json, "kvm_audio_input_packets_total", "duplicate");
+    const late = labelled(json, "kvm_audio_input_packets_total", "late");
+    assert.equal(received, accepted + duplicate + late, "received = accepted + duplicate + late");
+    assert.ok(duplicate >= dups * 0.5, `duplicates seen ${duplicate} of ${dups}`);
+    const decoded = counter(json, "kvm_audio_input_packets_decoded_total");
+    const drift = counter(json, "kvm_audio_input_drift_drops_total");
+    assert.ok(decoded + drift <= accepted && decoded >= accepted - 10, `${decoded} of ${accepted}`);
+    const fec = counter(json, "kvm_audio_input_frames_fec_total");
+    const plc = labelled(json, "kvm_audio_input_frames_concealed_total", "loss");
+    assert.ok(fec + plc >= lost * 0.8, `losses ${lost}, recovered ${fec} + concealed ${plc}`);
+
+    // The playback file holds the tone.
+    const out = await readRaw(outfile);
+    const mono = channel(out, 2);
+    const mid = mono.subarray(48000, 48000 * 4);
+    assert.ok(Math.abs(dominantFrequency(mid, 48000) - 600) < 6);
+    const level = rmsDb(mid);
+    const want = rmsDb(channel(tone({ freq: 600, frames: 48000, amplitude: 0.4 }), 1));
+    assert.ok(Math.abs(level - want) < 2, `level ${level.toFixed(2)} vs ${want.toFixed(2)} dBFS`);
+  });
+}
