@@ -1,0 +1,640 @@
+/**
+ * The audio service: owns both pipelines (each a supervised Web Worker), their rings, the
+ * control state and the metrics. The one object the API talks to.
+ *
+ * - Output: capture worker → output ring → {@link AudioService.subscribe}d listeners (WebSocket,
+ *   RTP). The main thread only moves packets; it never does codec or device work.
+ * - Microphone: {@link AudioService.pushMicrophonePacket} validates a received packet and writes it
+ *   into the input ring → input worker → playback device.
+ * - Control state (presets, mute, which pipelines run) lives in the supervisors' shared control
+ *   blocks, so a worker restart loses none of it, and in a state file, so a process restart loses
+ *   none of it either. When a state file exists its values win over the start-up flags: they are
+ *   the operator's latest choice.
+ *
+ * @module
+ */
+
+import { getLogger } from "@logtape/logtape";
+import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../ffi/opus.ts";
+import { FrameRing, type ReadSlot } from "./frame_ring.ts";
+import { Registry } from "./metrics.ts";
+import {
+  CONTROL,
+  type DeviceInfo,
+  epochMs,
+  INPUT_RING,
+  type InputInit,
+  OUTPUT_RING,
+  type OutputInit,
+  type WorkerMessage,
+} from "./pipeline/messages.ts";
+import { inputMetrics, outputMetrics, transportMetrics } from "./pipeline/pipeline_metrics.ts";
+import {
+  frameSamples,
+  getPreset,
+  MICROPHONE_PRESETS,
+  needsNewEncoder,
+  OUTPUT_PRESETS,
+  type Preset,
+  PRESET_NAMES,
+  type PresetName,
+} from "./quality.ts";
+import { type ControlState, readControlState, writeControlState } from "./state_file.ts";
+import { Supervisor, type SupervisorOptions, type SupervisorStatus } from "./supervisor.ts";
+
+const log = getLogger(["kvm-audio", "service"]);
+
+/** Options of {@link AudioService}. */
+export interface ServiceOptions {
+  /** ALSA capture PCM for the output pipeline; `null` disables the output pipeline. */
+  capture: string | null;
+  /** ALSA playback PCM for the microphone pipeline; `null` disables it. */
+  playback: string | null;
+  captureRate?: number;
+  captureChannels?: number;
+  playbackRate?: number;
+  playbackChannels?: number;
+  outputPreset?: PresetName;
+  microphonePreset?: PresetName;
+  /** Where control state is saved; none when unset. */
+  stateFile?: string;
+  /** "clock" paces unpaced virtual devices by the wall clock (tests, demos). */
+  pace?: "device" | "clock";
+  /** Stop capture after this many 48 kHz samples (finite test input). */
+  maxCaptureSamples?: number;
+  /** Honour the test-only fault switch. */
+  allowFaults?: boolean;
+  /** Supervisor tuning (stall detection, backoff, breaker). */
+  supervisor?: Partial<Omit<SupervisorOptions, "name" | "spawn" | "onMessage">>;
+  /** Playout buffer bounds, frames. */
+  minDepth?: number;
+  maxDepth?: number;
+  metricsIntervalMs?: number;
+}
+
+/** One encoded output frame as handed to listeners; valid only during the call. */
+export interface EncodedFrame {
+  /** The Opus packet (a view onto the ring slot: copy it to keep it). */
+  readonly data: Uint8Array;
+  /** Frame counter (wraps at 2³²). */
+  readonly seq: number;
+  /** RTP timestamp, 48 kHz ticks. */
+  readonly timestamp: number;
+  /** Samples per channel at 48 kHz. */
+  readonly samples: number;
+  readonly channels: number;
+  /** DTX/silence packet. */
+  readonly silence: boolean;
+  /** Epoch ms the frame's last sample was captured. */
+  readonly capturedAt: number;
+}
+
+/** A listener of encoded output frames. Must not block; must copy what it keeps. */
+export type FrameListener = (frame: EncodedFrame) => void;
+
+/** How a preset change was applied. */
+export type PresetChange = "unchanged" | "live" | "rebuilt" | "stored";
+
+/** Status of one pipeline. */
+export interface PipelineStatus {
+  readonly enabled: boolean;
+  readonly running: boolean;
+  readonly state: string;
+  readonly device: string | null;
+  /** What the device gave when last opened. */
+  readonly obtained: DeviceInfo | null;
+  readonly lastDeviceError: string | null;
+  readonly preset: PresetName;
+  readonly supervisor: SupervisorStatus | null;
+}
+
+/** Why a microphone packet was refused. */
+export type PushResult = "queued" | "malformed" | "not-running";
+
+const WORKER_URLS = {
+  output: new URL("./pipeline/output_worker.ts", import.meta.url).href,
+  input: new URL("./pipeline/input_worker.ts", import.meta.url).href,
+};
+
+class Pipeline {
+  readonly supervisor: Supervisor;
+  readonly ring: FrameRing;
+  obtained: DeviceInfo | null = null;
+  lastDeviceError: string | null = null;
+  wanted = false;
+
+  constructor(
+    readonly kind: "output" | "input",
+    readonly device: string | null,
+    ringGeometry: { slots: number; slotBytes: number },
+    makeInit: (
+      control: SharedArrayBuffer,
+      incarnation: number,
+      ring: SharedArrayBuffer,
+    ) => OutputInit | InputInit,
+    onMessage: (msg: WorkerMessage) => void,
+    options: ServiceOptions["supervisor"],
+  ) {
+    this.ring = FrameRing.create(ringGeometry);
+    this.supervisor = new Supervisor({
+      ...options,
+      name: kind,
+      spawn: (control, incarnation) => {
+        const w = new Worker(WORKER_URLS[kind], { type: "module", name: `kvm-audio-${kind}` });
+        w.postMessage(makeInit(control, incarnation, this.ring.buffer));
+        return w;
+      },
+      onMessage: (msg) => onMessage(msg as WorkerMessage),
+    });
+  }
+
+  get control(): Int32Array {
+    return this.supervisor.control;
+  }
+}
+
+/** The audio service. Create, {@link start}, and {@link close} when done. */
+export class AudioService implements AsyncDisposable {
+  readonly options: Readonly<ServiceOptions>;
+  /** Every metric of the service; worker series are absorbed from their snapshots. */
+  readonly metrics = new Registry();
+  readonly #t = transportMetrics(this.metrics);
+  readonly #output: Pipeline | null;
+  readonly #input: Pipeline | null;
+  #state: ControlState;
+  readonly #listeners = new Set<FrameListener>();
+  #pumping = false;
+  #closed = false;
+  #pump: Promise<void> | null = null;
+  #nextSeq = 0;
+  #nextTimestamp = 0;
+  readonly #presetWaiters: ((how: "live" | "rebuilt") => void)[] = [];
+
+  constructor(options: ServiceOptions) {
+    this.options = Object.freeze({ ...options });
+    // Register the worker series here too, so they are exposed (as zero) before any snapshot.
+    outputMetrics(this.metrics);
+    inputMetrics(this.metrics);
+
+    const saved = options.stateFile
+      ? readControlState(options.stateFile, (msg) => log.warn(msg))
+      : null;
+    this.#state = {
+      outputPreset: saved?.outputPreset ??
+        (options.outputPreset ? getPreset("output", options.outputPreset).name : "high"),
+      microphonePreset: saved?.microphonePreset ??
+        (options.microphonePreset
+          ? getPreset("microphone", options.microphonePreset).name
+          : "high"),
+      muted: saved?.muted ?? false,
+      outputRunning: saved?.outputRunning ?? options.capture !== null,
+      microphoneRunning: saved?.microphoneRunning ?? options.playback !== null,
+    };
+
+    const common = {
+      allowFaults: options.allowFaults ?? false,
+      metricsIntervalMs: options.metricsIntervalMs ?? 500,
+      pace: options.pace ?? "device",
+    } as const;
+    this.#output = options.capture === null ? null : new Pipeline(
+      "output",
+      options.capture,
+      OUTPUT_RING,
+      (control, incarnation, ring): OutputInit => ({
+        kind: "output",
+        control,
+        incarnation,
+        ring,
+        device: options.capture!,
+        deviceRate: options.captureRate ?? 48000,
+        deviceChannels: options.captureChannels ?? 2,
+        firstSeq: this.#nextSeq,
+        firstTimestamp: this.#nextTimestamp,
+        ...(options.maxCaptureSamples !== undefined
+          ? { maxSamples: options.maxCaptureSamples }
+          : {}),
+        ...common,
+      }),
+      (msg) => this.#onWorkerMessage("output", msg),
+      options.supervisor,
+    );
+    this.#input = options.playback === null ? null : new Pipeline(
+      "input",
+      options.playback,
+      INPUT_RING,
+      (control, incarnation, ring): InputInit => ({
+        kind: "input",
+        control,
+        incarnation,
+        ring,
+        device: options.playback!,
+        deviceRate: options.playbackRate ?? 48000,
+        deviceChannels: options.playbackChannels ?? 2,
+        ...(options.minDepth !== undefined ? { minDepth: options.minDepth } : {}),
+        ...(options.maxDepth !== undefined ? { maxDepth: options.maxDepth } : {}),
+        ...common,
+      }),
+      (msg) => this.#onWorkerMessage("input", msg),
+      options.supervisor,
+    );
+    this.#writeControlWords();
+  }
+
+  /** Starts the pipelines the control state says should run. */
+  start(): void {
+    if (this.#state.outputRunning) this.startOutput();
+    if (this.#state.microphoneRunning) this.startMicrophone();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Control.
+
+  #writeControlWords(): void {
+    if (this.#output) {
+      const c = this.#output.control;
+      Atomics.store(c, CONTROL.preset, PRESET_NAMES.indexOf(this.#state.outputPreset));
+      Atomics.store(c, CONTROL.muted, this.#state.muted ? 1 : 0);
+      Atomics.add(c, CONTROL.generation, 1);
+    }
+    if (this.#input) {
+      const c = this.#input.control;
+      Atomics.store(c, CONTROL.preset, PRESET_NAMES.indexOf(this.#state.microphonePreset));
+      Atomics.add(c, CONTROL.generation, 1);
+    }
+  }
+
+  #save(): void {
+    if (!this.options.stateFile) return;
+    try {
+      writeControlState(this.options.stateFile, this.#state);
+    } catch (e) {
+      log.error("Cannot save state file {path}: {error}", {
+        path: this.options.stateFile,
+        error: (e as Error).message,
+      });
+    }
+  }
+
+  /** The saved control state. */
+  get controlState(): Readonly<ControlState> {
+    return { ...this.#state };
+  }
+
+  /** Starts (or resumes) the output pipeline. */
+  startOutput(): void {
+    const p = this.#require(this.#output, "output");
+    p.wanted = true;
+    this.#state.outputRunning = true;
+    this.#save();
+    p.supervisor.start();
+    this.#startPump();
+  }
+
+  /** Stops the output pipeline (gracefully, then by terminate). */
+  async stopOutput(): Promise<void> {
+    const p = this.#require(this.#output, "output");
+    p.wanted = false;
+    this.#state.outputRunning = false;
+    this.#save();
+    await p.supervisor.stop();
+  }
+
+  /** Starts the microphone (input) pipeline. */
+  startMicrophone(): void {
+    const p = this.#require(this.#input, "microphone");
+    p.wanted = true;
+    this.#state.microphoneRunning = true;
+    this.#save();
+    p.supervisor.start();
+  }
+
+  /** Stops the microphone pipeline. */
+  async stopMicrophone(): Promise<void> {
+    const p = this.#require(this.#input, "microphone");
+    p.wanted = false;
+    this.#state.microphoneRunning = false;
+    this.#save();
+    await p.supervisor.stop();
+  }
+
+  #require(p: Pipeline | null, what: string): Pipeline {
+    if (p === null) {
+      throw new ServiceUnavailableError(
+        `Cannot control the ${what} pipeline: it is disabled (no ${
+          what === "output" ? "capture" : "playback"
+        } device configured)`,
+      );
+    }
+    return p;
+  }
+
+  /**
+   * Sets the output preset. Codec settings change on the running encoder (`"live"`); a change
+   * of channels, frame duration or application builds a new encoder at a frame boundary
+   * (`"rebuilt"`). When the pipeline is not running the choice is only stored (`"stored"`).
+   */
+  setOutputPreset(name: unknown): PresetChange {
+    const next = getPreset("output", name);
+    const prev = OUTPUT_PRESETS[this.#state.outputPreset];
+    if (next === prev) return "unchanged";
+    this.#state.outputPreset = next.name;
+    this.#save();
+    this.#writeControlWords();
+    if (!this.#output?.wanted) return "stored";
+    return needsNewEncoder(prev, next) ? "rebuilt" : "live";
+  }
+
+  /**
+   * Sets the microphone preset: what clients are told to send. The decoder follows whatever
+   * frame duration the packets carry, so nothing restarts.
+   */
+  setMicrophonePreset(name: unknown): PresetChange {
+    const next = getPreset("microphone", name);
+    if (next.name === this.#state.microphonePreset) return "unchanged";
+    this.#state.microphonePreset = next.name;
+    this.#save();
+    this.#writeControlWords();
+    return "stored";
+  }
+
+  /** Mutes or unmutes the output: a muted output sends no packets at all (not silent ones). */
+  setMuted(muted: unknown): void {
+    if (typeof muted !== "boolean") {
+      throw new TypeError(
+        `Cannot set muted ${JSON.stringify(muted) ?? String(muted)}: expected true or false`,
+      );
+    }
+    this.#state.muted = muted;
+    this.#save();
+    this.#writeControlWords();
+  }
+
+  get outputPreset(): Preset {
+    return OUTPUT_PRESETS[this.#state.outputPreset];
+  }
+
+  get microphonePreset(): Preset {
+    return MICROPHONE_PRESETS[this.#state.microphonePreset];
+  }
+
+  get muted(): boolean {
+    return this.#state.muted;
+  }
+
+  /** Counts of preset changes the output worker applied: live and by a new encoder. */
+  get outputPresetChanges(): { live: number; rebuilt: number } {
+    const c = this.#output?.control;
+    return {
+      live: c ? Atomics.load(c, CONTROL.liveChanges) : 0,
+      rebuilt: c ? Atomics.load(c, CONTROL.rebuilds) : 0,
+    };
+  }
+
+  /** The preset the output worker currently encodes with (it applies changes between frames). */
+  get appliedOutputPreset(): PresetName | null {
+    const c = this.#output?.control;
+    if (!c || !this.#output?.wanted) return null;
+    return PRESET_NAMES[Atomics.load(c, CONTROL.appliedPreset)] ?? null;
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Output frames.
+
+  /** Adds a listener of encoded output frames; returns its removal. */
+  subscribe(listener: FrameListener): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  get listenerCount(): number {
+    return this.#listeners.size;
+  }
+
+  #startPump(): void {
+    if (this.#pumping || !this.#output) return;
+    this.#pumping = true;
+    const ring = this.#output.ring;
+    const handed = this.#t.encodedToHanded;
+    const dropped = this.#t.dropped.labels({ reason: "ring_full" });
+    let lastDropped = ring.dropped;
+    const frame: { -readonly [K in keyof EncodedFrame]: EncodedFrame[K] } = {
+      data: new Uint8Array(0),
+      seq: 0,
+      timestamp: 0,
+      samples: 0,
+      channels: 0,
+      silence: false,
+      capturedAt: 0,
+    };
+    const deliver = (slot: ReadSlot) => {
+      frame.data = slot.data;
+      frame.seq = slot.seq >>> 0;
+      frame.timestamp = slot.t[2]! >>> 0;
+      frame.samples = slot.samples;
+      frame.channels = slot.t[3]!;
+      frame.silence = (slot.flags & 2) !== 0;
+      frame.capturedAt = slot.t[0]!;
+      this.#nextSeq = (slot.seq + 1) | 0;
+      this.#nextTimestamp = (frame.timestamp + slot.samples) >>> 0;
+      for (const l of this.#listeners) {
+        try {
+          l(frame);
+        } catch (e) {
+          log.error("Output listener failed: {error}", { error: (e as Error).message });
+        }
+      }
+      handed.observe(epochMs() - slot.t[1]!);
+    };
+    this.#pump = (async () => {
+      while (!this.#closed) {
+        const r = await ring.waitForDataAsync(200);
+        for (let s = ring.claim(); s !== null; s = ring.claim()) deliver(s);
+        const d = ring.dropped;
+        if (d !== lastDropped) {
+          dropped.inc(d - lastDropped);
+          lastDropped = d;
+        }
+        if (r === "ended") break;
+      }
+      this.#pumping = false;
+    })();
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Microphone packets.
+
+  /**
+   * Validates a received microphone packet and queues it for the input worker. A malformed packet
+   * (empty, oversized, unparseable TOC, longer than 60 ms, bad sequence/timestamp) is counted and
+   * dropped; it never reaches the decoder.
+   */
+  pushMicrophonePacket(
+    packet: Uint8Array,
+    seq: number,
+    timestamp: number,
+    transport: "websocket" | "rtp" | "local" = "local",
+  ): PushResult {
+    const received = this.#t.received.labels({ transport });
+    received.inc();
+    this.#t.receivedBytes.inc(packet.length);
+    const malformed = (reason: string) => {
+      this.#t.malformed.inc(1, { reason });
+      return "malformed" as const;
+    };
+    if (!Number.isInteger(seq) || seq < 0 || seq > 0xffff) return malformed("sequence");
+    if (!Number.isInteger(timestamp) || timestamp < 0 || timestamp > 0xffffffff) {
+      return malformed("timestamp");
+    }
+    if (packet.length === 0 || packet.length > Math.min(OPUS_MAX_PACKET, INPUT_RING.slotBytes)) {
+      return malformed("size");
+    }
+    let samples: number;
+    try {
+      const info = inspectPacket(packet);
+      samples = info.samples;
+    } catch (e) {
+      if (e instanceof InvalidPacketError) return malformed("toc");
+      throw e;
+    }
+    if (samples > 2880 || samples < 120) return malformed("duration");
+    const p = this.#input;
+    if (!p?.wanted) {
+      this.#t.dropped.inc(1, { reason: "microphone_stopped" });
+      return "not-running";
+    }
+    const slot = p.ring.reserve();
+    slot.data.set(packet);
+    slot.seq = seq;
+    slot.samples = samples;
+    slot.flags = 0;
+    slot.t[0] = epochMs();
+    slot.t[1] = timestamp;
+    const before = p.ring.dropped;
+    p.ring.publish(slot, packet.length);
+    if (p.ring.dropped !== before) {
+      this.#t.dropped.inc(p.ring.dropped - before, { reason: "input_ring_full" });
+    }
+    return "queued";
+  }
+
+  /** Samples per channel a microphone client should put in each packet. */
+  get microphoneFrameSamples(): number {
+    return frameSamples(this.microphonePreset);
+  }
+
+  // -------------------------------------------------------------------------------------------
+  // Status and metrics.
+
+  #onWorkerMessage(kind: "output" | "input", msg: WorkerMessage): void {
+    const p = kind === "output" ? this.#output : this.#input;
+    if (!p) return;
+    switch (msg.type) {
+      case "ready":
+        p.obtained = msg.device;
+        p.lastDeviceError = null;
+        log.info("{kind} device {name} open at {rate} Hz, {channels} ch", {
+          kind,
+          ...msg.device,
+        });
+        break;
+      case "device-error":
+        if (p.lastDeviceError !== msg.error) {
+          log.warn("{kind} device unavailable, retrying in {ms} ms: {error}", {
+            kind,
+            ms: msg.retryInMs,
+            error: msg.error,
+          });
+        }
+        p.lastDeviceError = msg.error;
+        break;
+      case "metrics":
+      case "ended":
+        this.metrics.absorb(kind, msg.snapshot);
+        break;
+      case "preset":
+        for (const w of this.#presetWaiters.splice(0)) w(msg.how);
+        break;
+      case "fatal":
+        break;
+    }
+  }
+
+  #status(p: Pipeline | null, preset: PresetName): PipelineStatus {
+    if (!p) {
+      return {
+        enabled: false,
+        running: false,
+        state: "disabled",
+        device: null,
+        obtained: null,
+        lastDeviceError: null,
+        preset,
+        supervisor: null,
+      };
+    }
+    const s = p.supervisor.status;
+    return {
+      enabled: true,
+      running: s.state === "running",
+      state: s.state,
+      device: p.device,
+      obtained: p.obtained,
+      lastDeviceError: p.lastDeviceError,
+      preset,
+      supervisor: s,
+    };
+  }
+
+  /** Status of the output pipeline. */
+  outputStatus(): PipelineStatus & { muted: boolean; listeners: number } {
+    return {
+      ...this.#status(this.#output, this.#state.outputPreset),
+      muted: this.#state.muted,
+      listeners: this.#listeners.size,
+    };
+  }
+
+  /** Status of the microphone pipeline. */
+  microphoneStatus(): PipelineStatus {
+    return this.#status(this.#input, this.#state.microphonePreset);
+  }
+
+  /** The supervisors, for tests and the health check. */
+  get supervisors(): { output: Supervisor | null; input: Supervisor | null } {
+    return { output: this.#output?.supervisor ?? null, input: this.#input?.supervisor ?? null };
+  }
+
+  /** Control blocks of the pipelines (test-only fault injection goes through them). */
+  controlBlock(kind: "output" | "input"): Int32Array | null {
+    return (kind === "output" ? this.#output : this.#input)?.control ?? null;
+  }
+
+  /** Stops everything and releases the workers. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await Promise.all([this.#output?.supervisor.stop(), this.#input?.supervisor.stop()]);
+    await this.#pump;
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+/** A request the service cannot serve in its configuration (maps to HTTP 409/503). */
+export class ServiceUnavailableError extends Error {
+  override name = "ServiceUnavailableError";
+}
+
+// Restart counting hooks into the supervisors' status: exposed through metrics at scrape time.
+export function refreshSupervisorMetrics(service: AudioService): void {
+  const t = transportMetrics(service.metrics);
+  for (const [name, sup] of Object.entries(service.supervisors)) {
+    if (!sup) continue;
+    const series = t.restarts.labels({ pipeline: name });
+    const have = series.value;
+    const now = sup.status.restarts;
+    if (now > have) series.inc(now - have);
+  }
+}
