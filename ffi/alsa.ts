@@ -646,6 +646,30 @@ export class Pcm implements Disposable {
   }
 
   /** Closes the PCM (pending playback is dropped; see {@link Pcm.drain}). Idempotent. */
+  /**
+   * An opaque token for this open PCM, for {@link Pcm.closeOrphan}: a worker that may be
+   * terminated while holding the PCM (which skips its `finally` blocks) publishes the token in
+   * shared memory, so the thread that terminated it can still release the device.
+   */
+  get orphanToken(): bigint {
+    if (this.#pcm === null) return 0n;
+    return BigInt(Deno.UnsafePointer.value(this.#pcm));
+  }
+
+  /**
+   * Closes a PCM left open by a terminated worker, given its {@link orphanToken}. Only call it
+   * once the thread that opened the PCM is gone and the token was not cleared by a `close()`.
+   */
+  static closeOrphan(token: bigint): void {
+    if (typeof token !== "bigint" || token <= 0n) {
+      throw new RangeError(`Invalid orphan token ${String(token)}: expected a positive bigint`);
+    }
+    const pcm = Deno.UnsafePointer.create(token);
+    if (pcm === null) return;
+    const rc = alsa().snd_pcm_close(pcm);
+    if (rc < 0) throw new AlsaError("snd_pcm_close", rc, "(orphan)");
+  }
+
   close(): void {
     const pcm = this.#pcm;
     if (pcm === null) return;

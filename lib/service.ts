@@ -15,6 +15,7 @@
  */
 
 import { getLogger } from "@logtape/logtape";
+import { Pcm } from "../ffi/alsa.ts";
 import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../ffi/opus.ts";
 import { FrameRing, type ReadSlot } from "./frame_ring.ts";
 import { Registry } from "./metrics.ts";
@@ -24,6 +25,7 @@ import {
   epochMs,
   INPUT_RING,
   type InputInit,
+  orphanSlot,
   OUTPUT_RING,
   type OutputInit,
   type WorkerMessage,
@@ -40,7 +42,13 @@ import {
   type PresetName,
 } from "./quality.ts";
 import { type ControlState, readControlState, writeControlState } from "./state_file.ts";
-import { Supervisor, type SupervisorOptions, type SupervisorStatus } from "./supervisor.ts";
+import {
+  STATE_CHANGE_EVENT,
+  Supervisor,
+  type SupervisorOptions,
+  type SupervisorStateEvent,
+  type SupervisorStatus,
+} from "./supervisor.ts";
 
 const log = getLogger(["kvm-audio", "service"]);
 
@@ -146,6 +154,35 @@ class Pipeline {
       },
       onMessage: (msg) => onMessage(msg as WorkerMessage),
     });
+    this.supervisor.addEventListener(STATE_CHANGE_EVENT, (e) => {
+      const to = (e as SupervisorStateEvent).to;
+      if (to === "backoff" || to === "broken" || to === "stopped") this.#releaseOrphan();
+    });
+  }
+
+  /**
+   * A worker terminated while stalled skips its `finally` blocks and leaves its PCM open. Close
+   * it from here, once the worker thread is surely gone: every FFI call the worker makes returns
+   * within 100 ms, so after 150 ms nothing of it can still be inside libasound (restarts come
+   * later: the first backoff is longer).
+   */
+  #releaseOrphan(): void {
+    const slot = orphanSlot(this.supervisor.buffer);
+    const token = Atomics.load(slot, 0);
+    if (token === 0n) return;
+    setTimeout(() => {
+      // Only if it is still the dead worker's: a new incarnation may have published its own.
+      if (Atomics.compareExchange(slot, 0, token, 0n) !== token) return;
+      try {
+        Pcm.closeOrphan(token);
+        log.warn("Closed the {kind} device left open by a terminated worker", { kind: this.kind });
+      } catch (e) {
+        log.error("Cannot close an orphaned {kind} device: {error}", {
+          kind: this.kind,
+          error: (e as Error).message,
+        });
+      }
+    }, 150);
   }
 
   get control(): Int32Array {

@@ -6,7 +6,7 @@
  * @module
  */
 
-import { type PresetName, PRESET_NAMES } from "./quality.ts";
+import { PRESET_NAMES, type PresetName } from "./quality.ts";
 
 /** What is saved. */
 export interface ControlState {

@@ -24,13 +24,7 @@ import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
 import { CONTROL, epochMs, type InputInit } from "./messages.ts";
 import { inputMetrics } from "./pipeline_metrics.ts";
-import {
-  ClockPacer,
-  MetricsPoster,
-  openWithRetry,
-  post,
-  WorkerControl,
-} from "./worker_common.ts";
+import { ClockPacer, MetricsPoster, openWithRetry, post, WorkerControl } from "./worker_common.ts";
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
@@ -74,6 +68,7 @@ function run(init: InputInit): void {
         bufferFrames: period * 3,
       });
       if (pcm === null) break;
+      ctl.holdPcm(pcm);
       try {
         post({
           type: "ready",
@@ -91,7 +86,7 @@ function run(init: InputInit): void {
           return;
         }
       } finally {
-        pcm.close();
+        ctl.releasePcm(pcm);
       }
     }
   } finally {

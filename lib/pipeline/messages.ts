@@ -46,7 +46,18 @@ export const CONTROL = {
   liveChanges: 13,
   /** Bumped by the main thread after writing `preset`, so the worker notices a change. */
   generation: 14,
+  /**
+   * Words 16–17 (one 64-bit slot): the open PCM's orphan token while the worker holds it, 0
+   * otherwise. A worker terminated while stalled skips its `finally` blocks; the service then
+   * closes the device with this token so a restart can reopen it (see `Pcm.closeOrphan`).
+   */
+  orphanPcm: 16,
 } as const;
+
+/** The control block's 64-bit view of {@link CONTROL.orphanPcm}. */
+export function orphanSlot(control: SharedArrayBuffer): BigInt64Array {
+  return new BigInt64Array(control, CONTROL.orphanPcm * 4, 1);
+}
 
 /** Values of the test-only fault switch. */
 export const FAULT = {

@@ -33,13 +33,7 @@ import {
   PRESET_NAMES,
 } from "../quality.ts";
 import { CONTROL, epochMs, FrameFlag, type OutputInit } from "./messages.ts";
-import {
-  ClockPacer,
-  MetricsPoster,
-  openWithRetry,
-  post,
-  WorkerControl,
-} from "./worker_common.ts";
+import { ClockPacer, MetricsPoster, openWithRetry, post, WorkerControl } from "./worker_common.ts";
 import { outputMetrics } from "./pipeline_metrics.ts";
 
 /** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
@@ -125,6 +119,7 @@ function run(init: OutputInit): void {
         bufferFrames: Math.round(init.deviceRate / 100) * 8,
       });
       if (pcm === null) break;
+      ctl.holdPcm(pcm);
       try {
         post({
           type: "ready",
@@ -144,7 +139,7 @@ function run(init: OutputInit): void {
           return;
         }
       } finally {
-        pcm.close();
+        ctl.releasePcm(pcm);
       }
     }
   } finally {

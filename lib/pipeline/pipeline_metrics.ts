@@ -38,7 +38,10 @@ export function outputMetrics(r: Registry) {
 export function inputMetrics(r: Registry) {
   const stage = stageLatency(r);
   return {
-    played: r.counter("kvm_audio_input_frames_played_total", "Frames written to the playback device"),
+    played: r.counter(
+      "kvm_audio_input_frames_played_total",
+      "Frames written to the playback device",
+    ),
     decoded: r.counter("kvm_audio_input_packets_decoded_total", "Packets decoded normally"),
     fec: r.counter("kvm_audio_input_frames_fec_total", "Lost frames recovered from in-band FEC"),
     concealed: r.counter(

@@ -9,16 +9,29 @@ import { AlsaError, Pcm, type PcmOptions } from "../../ffi/alsa.ts";
 import { LibraryNotFoundError } from "../../ffi/library.ts";
 import type { Registry } from "../metrics.ts";
 import { CONTROL_WORD, WORKER_STATE, type WorkerStateName } from "../supervisor.ts";
-import { CONTROL, FAULT, type PipelineInit, type WorkerMessage } from "./messages.ts";
+import { CONTROL, FAULT, orphanSlot, type PipelineInit, type WorkerMessage } from "./messages.ts";
 
 /** The worker's side of its control block. */
 export class WorkerControl {
   readonly words: Int32Array;
+  readonly #orphan: BigInt64Array;
   readonly #allowFaults: boolean;
 
   constructor(init: PipelineInit) {
     this.words = new Int32Array(init.control);
+    this.#orphan = orphanSlot(init.control);
     this.#allowFaults = init.allowFaults === true;
+  }
+
+  /** Publishes the PCM this worker holds (see {@link CONTROL.orphanPcm}). */
+  holdPcm(pcm: Pcm): void {
+    Atomics.store(this.#orphan, 0, pcm.orphanToken);
+  }
+
+  /** Closes the held PCM; the token is cleared first, so a kill in between leaks, never double-closes. */
+  releasePcm(pcm: Pcm): void {
+    Atomics.store(this.#orphan, 0, 0n);
+    pcm.close();
   }
 
   /** Tells the supervisor this worker is alive. Call at least every 100 ms. */

@@ -1,0 +1,1050 @@
+/**
+ * Opus over RTP (RFC 3550 framing, RFC 7587 payload format), both directions, over `node:dgram`.
+ *
+ * - {@link RtpSender} sends every encoded output frame of the service to one or more UDP
+ *   destinations (`--rtp-out HOST:PORT`, repeatable): one Opus packet per RTP packet, a random
+ *   SSRC, a sequence number that starts at a random value and grows by one per packet sent, and a
+ *   timestamp that is the frame's 48 kHz timestamp plus a random base (RFC 7587 §4.1: the clock is
+ *   48 kHz whatever bandwidth is coded). The marker bit is set on the first packet and on the
+ *   first packet after a gap (mute, frames dropped in the ring, skipped DTX packets). No RTCP is
+ *   sent: receivers (ffmpeg, GStreamer, Janus) play RTP without sender reports.
+ * - {@link RtpReceiver} listens on a UDP port (`--rtp-in PORT`, 127.0.0.1 unless another host is
+ *   configured), validates each datagram as RTP and hands the Opus payload, with its sequence
+ *   number and timestamp, to {@link AudioService.pushMicrophonePacket}, which checks the Opus TOC.
+ * - {@link writeRtp} / {@link readRtp} are the header codec.
+ *
+ * Decisions:
+ * - **DTX packets are not sent** (RFC 7587 §3.1.3 lets a sender stop during DTX; a receiver
+ *   conceals the gap). A frame the encoder coded in at most 2 bytes is skipped and counted in
+ *   `kvm_audio_rtp_dtx_not_sent_total`; the packet after the gap carries the marker bit and its
+ *   timestamp shows how long the gap was. `sendDtx: true` sends them anyway.
+ * - **Multicast destinations are refused** unless `allowMulticast` is set; the limited broadcast
+ *   address and the unspecified addresses are always refused, and the socket never gets
+ *   `SO_BROADCAST`, so the kernel refuses subnet broadcasts too. Hosts are resolved once, when the
+ *   sender opens. The service sends nothing anywhere unless a destination is configured.
+ * - **Payload type**: the sender uses 111 unless told otherwise. The receiver accepts only its
+ *   configured payload type; when none is configured it accepts any dynamic one (96–127), since
+ *   senders differ (browsers and Janus use 111, ffmpeg 97). Static payload types are never Opus.
+ * - **RTCP on the RTP port** (RFC 5761 multiplexing, second byte 192–223) is recognised, checked
+ *   for a sane length and ignored (`kvm_audio_rtp_rtcp_ignored_total`), not counted as malformed.
+ * - **A new SSRC** (a new sender) is passed straight through: the playout buffer resynchronises
+ *   on the sequence jump. Changes are counted in the receiver's stats.
+ * - Every datagram the receiving socket delivers ends up in exactly one place: the service's
+ *   `received{transport="rtp"}` (valid RTP; the service may then still refuse the Opus payload and
+ *   count it under its own `malformed` reasons), `malformed{reason="rtp"}` (invalid RTP), or the
+ *   RTCP counter.
+ *
+ * @module
+ */
+
+import dgram from "node:dgram";
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { getLogger } from "@logtape/logtape";
+import type { CounterSeries, Registry } from "../metrics.ts";
+import { transportMetrics } from "../pipeline/pipeline_metrics.ts";
+import type { AudioService, EncodedFrame } from "../service.ts";
+import { sdpFor } from "./sdp.ts";
+
+const log = getLogger(["kvm-audio", "rtp"]);
+
+/** The RTP version this codec reads and writes. */
+export const RTP_VERSION = 2;
+/** Bytes of the fixed RTP header. */
+export const RTP_HEADER_BYTES = 12;
+/** Most CSRCs a header can list (4-bit count). */
+export const RTP_MAX_CSRCS = 15;
+/** RTP clock rate of Opus, always (RFC 7587 §4.1). */
+export const OPUS_RTP_CLOCK_RATE = 48000;
+/** Payload type the sender uses unless told otherwise (the one browsers use for Opus). */
+export const DEFAULT_OPUS_PAYLOAD_TYPE = 111;
+/** The dynamic payload type range (RFC 3551 §3); Opus has no static payload type. */
+export const DYNAMIC_PAYLOAD_TYPES = Object.freeze({ min: 96, max: 127 });
+/** Second-byte range of RTCP packets multiplexed on the RTP port (RFC 5761 §4). */
+const RTCP_PACKET_TYPES = { min: 192, max: 223 } as const;
+/** Largest UDP payload over IPv4. */
+const MAX_DATAGRAM_BYTES = 65507;
+
+const BIT_PADDING = 0x20;
+const BIT_EXTENSION = 0x10;
+const MASK_CSRC_COUNT = 0x0f;
+const BIT_MARKER = 0x80;
+const MASK_PAYLOAD_TYPE = 0x7f;
+
+// ---------------------------------------------------------------------------------------------
+// Header codec.
+
+/** An RTP header extension (RFC 3550 §5.3.1): a 16-bit profile word and whole 32-bit words. */
+export interface RtpExtension {
+  /** Profile-defined 16 bits (0xBEDE for RFC 8285 one-byte elements). */
+  readonly profile: number;
+  /** Extension data; its length is a multiple of 4. */
+  readonly data: Uint8Array;
+}
+
+/** What {@link writeRtp} puts in a header. */
+export interface RtpHeader {
+  /** 0–127. */
+  readonly payloadType: number;
+  /** 0–65535. */
+  readonly sequence: number;
+  /** 0–2³²−1. */
+  readonly timestamp: number;
+  /** 0–2³²−1. */
+  readonly ssrc: number;
+  readonly marker?: boolean;
+  /** Up to 15 contributing sources, each 0–2³²−1. */
+  readonly csrcs?: readonly number[];
+  readonly extension?: RtpExtension | null;
+  /** Padding bytes to append, the count byte included: 0 (none) to 255. */
+  readonly padding?: number;
+}
+
+/** A parsed RTP packet. `payload` and `extension.data` are views onto the datagram. */
+export interface RtpPacket {
+  readonly marker: boolean;
+  readonly payloadType: number;
+  readonly sequence: number;
+  readonly timestamp: number;
+  readonly ssrc: number;
+  readonly csrcs: readonly number[];
+  readonly extension: RtpExtension | null;
+  /** Padding bytes at the end (count byte included); 0 when the P bit is clear. */
+  readonly padding: number;
+  readonly payload: Uint8Array;
+}
+
+/** Why a datagram is not acceptable RTP. */
+export type RtpMalformedReason =
+  /** Fewer than 12 bytes. */
+  | "short"
+  /** Version is not 2. */
+  | "version"
+  /** The CSRC list runs past the end. */
+  | "csrc"
+  /** The header extension runs past the end. */
+  | "extension"
+  /** The padding count is 0 or runs into the header. */
+  | "padding"
+  /** No payload left. */
+  | "empty"
+  /** Not the configured payload type (or not a dynamic one). */
+  | "payload_type"
+  /** RTCP-looking (RFC 5761 range) but its length is wrong. */
+  | "rtcp";
+
+/** The outcome of {@link readRtp}. */
+export type RtpReadResult =
+  | { readonly kind: "rtp"; readonly packet: RtpPacket }
+  | { readonly kind: "rtcp" }
+  | { readonly kind: "malformed"; readonly reason: RtpMalformedReason; readonly message: string };
+
+function checkUint(what: string, value: unknown, max: number): number {
+  if (typeof value !== "number") {
+    throw new TypeError(
+      `Cannot write RTP ${what} ${JSON.stringify(value) ?? String(value)}: expected a number`,
+    );
+  }
+  if (!Number.isInteger(value) || value < 0 || value > max) {
+    throw new RangeError(
+      `Cannot write RTP ${what} "${value}": expected an integer from 0 to ${max}`,
+    );
+  }
+  return value;
+}
+
+/**
+ * Builds one RTP packet: header, `payload`, and padding if asked for. Returns a new buffer.
+ *
+ * @throws {TypeError} when a field has the wrong type
+ * @throws {RangeError} when a field is out of range or the packet would exceed a UDP datagram
+ */
+export function writeRtp(header: RtpHeader, payload: Uint8Array): Uint8Array {
+  if (!(payload instanceof Uint8Array)) {
+    throw new TypeError(`Cannot write RTP payload "${String(payload)}": expected a Uint8Array`);
+  }
+  const pt = checkUint("payload type", header.payloadType, 127);
+  const seq = checkUint("sequence number", header.sequence, 0xffff);
+  const ts = checkUint("timestamp", header.timestamp, 0xffffffff);
+  const ssrc = checkUint("SSRC", header.ssrc, 0xffffffff);
+  const csrcs = header.csrcs ?? [];
+  if (!Array.isArray(csrcs) || csrcs.length > RTP_MAX_CSRCS) {
+    throw new RangeError(
+      `Cannot write ${csrcs.length} RTP CSRCs: expected an array of at most ${RTP_MAX_CSRCS}`,
+    );
+  }
+  for (const c of csrcs) checkUint("CSRC", c, 0xffffffff);
+  const ext = header.extension ?? null;
+  let extBytes = 0;
+  if (ext !== null) {
+    checkUint("extension profile", ext.profile, 0xffff);
+    if (!(ext.data instanceof Uint8Array) || ext.data.length % 4 !== 0) {
+      throw new RangeError(
+        `Cannot write an RTP extension of ${
+          String(ext.data?.length)
+        } bytes: expected a Uint8Array whose length is a multiple of 4`,
+      );
+    }
+    if (ext.data.length / 4 > 0xffff) {
+      throw new RangeError(
+        `Cannot write an RTP extension of ${ext.data.length} bytes: expected at most ${0xffff * 4}`,
+      );
+    }
+    extBytes = 4 + ext.data.length;
+  }
+  const padding = checkUint("padding", header.padding ?? 0, 255);
+  const headerBytes = RTP_HEADER_BYTES + 4 * csrcs.length + extBytes;
+  const total = headerBytes + payload.length + padding;
+  if (total > MAX_DATAGRAM_BYTES) {
+    throw new RangeError(
+      `Cannot write an RTP packet of ${total} bytes: expected at most ${MAX_DATAGRAM_BYTES}`,
+    );
+  }
+  const out = new Uint8Array(total);
+  const view = new DataView(out.buffer);
+  out[0] = (RTP_VERSION << 6) | (padding > 0 ? BIT_PADDING : 0) |
+    (ext !== null ? BIT_EXTENSION : 0) | csrcs.length;
+  out[1] = (header.marker ? BIT_MARKER : 0) | pt;
+  view.setUint16(2, seq);
+  view.setUint32(4, ts);
+  view.setUint32(8, ssrc);
+  let at = RTP_HEADER_BYTES;
+  for (const c of csrcs) {
+    view.setUint32(at, c);
+    at += 4;
+  }
+  if (ext !== null) {
+    view.setUint16(at, ext.profile);
+    view.setUint16(at + 2, ext.data.length / 4);
+    out.set(ext.data, at + 4);
+    at += extBytes;
+  }
+  out.set(payload, at);
+  if (padding > 0) out[total - 1] = padding;
+  return out;
+}
+
+function malformed(reason: RtpMalformedReason, message: string): RtpReadResult {
+  return { kind: "malformed", reason, message };
+}
+
+/**
+ * Validates and parses one datagram. Never throws on bad input: a malformed datagram is a result
+ * with a reason. `payloadType` is the one accepted; when `null` or unset any dynamic payload
+ * type (96–127) is. Datagrams in the RTCP range (RFC 5761) come back as `{ kind: "rtcp" }`.
+ */
+export function readRtp(
+  data: Uint8Array,
+  { payloadType = null }: { payloadType?: number | null } = {},
+): RtpReadResult {
+  const n = data.length;
+  if (n < RTP_HEADER_BYTES) {
+    return malformed("short", `Invalid RTP packet of ${n} bytes: expected at least 12`);
+  }
+  const b0 = data[0]!, b1 = data[1]!;
+  const version = b0 >>> 6;
+  if (version !== RTP_VERSION) {
+    return malformed("version", `Invalid RTP version ${version}: expected 2`);
+  }
+  const view = new DataView(data.buffer, data.byteOffset, n);
+  if (b1 >= RTCP_PACKET_TYPES.min && b1 <= RTCP_PACKET_TYPES.max) {
+    // RTCP: a compound packet is whole 32-bit words and its first packet fits (RFC 3550 A.2).
+    const first = (view.getUint16(2) + 1) * 4;
+    if (n % 4 !== 0 || first > n) {
+      return malformed(
+        "rtcp",
+        `Invalid RTCP packet of ${n} bytes: first packet says ${first} bytes, expected whole words`,
+      );
+    }
+    return { kind: "rtcp" };
+  }
+  const csrcCount = b0 & MASK_CSRC_COUNT;
+  let at = RTP_HEADER_BYTES + 4 * csrcCount;
+  if (at > n) {
+    return malformed(
+      "csrc",
+      `Invalid RTP packet of ${n} bytes: ${csrcCount} CSRCs need a ${at}-byte header`,
+    );
+  }
+  let extension: RtpExtension | null = null;
+  if (b0 & BIT_EXTENSION) {
+    if (at + 4 > n) {
+      return malformed(
+        "extension",
+        `Invalid RTP packet of ${n} bytes: no room for the extension header at byte ${at}`,
+      );
+    }
+    const words = view.getUint16(at + 2);
+    const end = at + 4 + words * 4;
+    if (end > n) {
+      return malformed(
+        "extension",
+        `Invalid RTP packet of ${n} bytes: a ${words}-word extension ends at byte ${end}`,
+      );
+    }
+    extension = { profile: view.getUint16(at), data: data.subarray(at + 4, end) };
+    at = end;
+  }
+  let padding = 0;
+  if (b0 & BIT_PADDING) {
+    padding = data[n - 1]!;
+    if (padding === 0 || at + padding > n) {
+      return malformed(
+        "padding",
+        `Invalid RTP padding of ${padding} bytes: expected 1 to ${
+          n - at
+        } after a ${at}-byte header`,
+      );
+    }
+  }
+  if (at + padding === n) {
+    return malformed("empty", `Invalid RTP packet of ${n} bytes: the payload is empty`);
+  }
+  const pt = b1 & MASK_PAYLOAD_TYPE;
+  if (
+    payloadType === null
+      ? pt < DYNAMIC_PAYLOAD_TYPES.min || pt > DYNAMIC_PAYLOAD_TYPES.max
+      : pt !== payloadType
+  ) {
+    return malformed(
+      "payload_type",
+      `Unexpected RTP payload type ${pt}: expected ${
+        payloadType === null ? "a dynamic one (96-127)" : payloadType
+      }`,
+    );
+  }
+  const csrcs: number[] = [];
+  for (let i = 0; i < csrcCount; i++) csrcs.push(view.getUint32(RTP_HEADER_BYTES + 4 * i));
+  return {
+    kind: "rtp",
+    packet: {
+      marker: (b1 & BIT_MARKER) !== 0,
+      payloadType: pt,
+      sequence: view.getUint16(2),
+      timestamp: view.getUint32(4),
+      ssrc: view.getUint32(8),
+      csrcs,
+      extension,
+      padding,
+      payload: data.subarray(at, n - padding),
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Addresses.
+
+/** A UDP endpoint as written on the command line: a host name or IP literal and a port. */
+export interface HostPort {
+  /** Host name or IP literal (IPv6 without brackets). */
+  readonly host: string;
+  readonly port: number;
+}
+
+function parsePortText(what: string, input: string, text: string): number {
+  if (!/^[0-9]{1,5}$/.test(text) || Number(text) < 1 || Number(text) > 65535) {
+    throw new RangeError(
+      `Invalid ${what} ${JSON.stringify(input)}: expected a port from 1 to 65535, got "${text}"`,
+    );
+  }
+  return Number(text);
+}
+
+/**
+ * Parses `HOST:PORT` (`192.0.2.10:5004`, `gateway.lan:5004`, `[2001:db8::1]:5004`).
+ *
+ * @throws {TypeError} when `s` is not a string
+ * @throws {RangeError} when it is not of that form
+ */
+export function parseHostPort(s: unknown, what = "RTP destination"): HostPort {
+  if (typeof s !== "string") {
+    throw new TypeError(
+      `Invalid ${what} ${JSON.stringify(s) ?? String(s)}: expected a string HOST:PORT`,
+    );
+  }
+  const expected = "expected HOST:PORT, e.g. 192.0.2.10:5004 or [2001:db8::1]:5004";
+  const bracketed = /^\[([^\]]+)\]:([^:]*)$/.exec(s);
+  let host: string, port: string;
+  if (bracketed) {
+    host = bracketed[1]!;
+    port = bracketed[2]!;
+    if (isIP(host) !== 6) {
+      throw new RangeError(
+        `Invalid ${what} ${JSON.stringify(s)}: "${host}" is not an IPv6 address`,
+      );
+    }
+  } else {
+    const colon = s.lastIndexOf(":");
+    if (colon < 0) throw new RangeError(`Invalid ${what} ${JSON.stringify(s)}: ${expected}`);
+    host = s.slice(0, colon);
+    port = s.slice(colon + 1);
+    if (host.includes(":")) {
+      throw new RangeError(
+        `Invalid ${what} ${JSON.stringify(s)}: write an IPv6 address in brackets, ${expected}`,
+      );
+    }
+    if (!/^[A-Za-z0-9.-]+$/.test(host)) {
+      throw new RangeError(
+        `Invalid ${what} ${JSON.stringify(s)}: "${host}" is not a host name or IP address`,
+      );
+    }
+  }
+  return { host, port: parsePortText(what, s, port) };
+}
+
+/**
+ * Parses the `--rtp-in` value: `PORT` (bound on 127.0.0.1) or `HOST:PORT` (an address of this
+ * machine to bind, e.g. `0.0.0.0:5004` to accept RTP from the network).
+ */
+export function parseListenAddress(s: unknown): HostPort {
+  if (typeof s === "string" && /^[0-9]+$/.test(s)) {
+    return { host: "127.0.0.1", port: parsePortText("RTP listen address", s, s) };
+  }
+  return parseHostPort(s, "RTP listen address");
+}
+
+/** A resolved destination. */
+export interface RtpDestination {
+  /** As configured (host name or literal). */
+  readonly host: string;
+  /** The IP literal packets go to. */
+  readonly address: string;
+  readonly family: 4 | 6;
+  readonly port: number;
+}
+
+/** What kind of address an IP literal is, as far as sending goes. */
+export type AddressScope = "loopback" | "unicast" | "multicast" | "broadcast" | "unspecified";
+
+/** Classifies an IP literal (IPv4-mapped IPv6 addresses as their IPv4 address). */
+export function addressScope(address: string): AddressScope {
+  const family = isIP(address);
+  if (family === 0) {
+    throw new RangeError(`Invalid IP address "${address}": expected an IPv4 or IPv6 literal`);
+  }
+  let v4: string | null = family === 4 ? address : null;
+  let v6 = "";
+  if (family === 6) {
+    // Normalise the spelling (zone id dropped): "0:0::0001" → "::1", "::ffff:1.2.3.4" → hex.
+    v6 = new URL(`http://[${address.replace(/%.*$/, "")}]/`).hostname.slice(1, -1);
+    const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(v6);
+    if (mapped) {
+      const hi = parseInt(mapped[1]!, 16), lo = parseInt(mapped[2]!, 16);
+      v4 = [hi >> 8, hi & 0xff, lo >> 8, lo & 0xff].join(".");
+    }
+  }
+  if (v4 !== null) {
+    const octets = v4.split(".").map(Number);
+    const a = octets[0]!;
+    if (octets.every((o) => o === 0)) return "unspecified";
+    if (octets.every((o) => o === 255)) return "broadcast";
+    if (a === 127) return "loopback";
+    if (a >= 224 && a <= 239) return "multicast";
+    return "unicast";
+  }
+  if (v6 === "::") return "unspecified";
+  if (v6 === "::1") return "loopback";
+  if (v6.startsWith("ff")) return "multicast";
+  return "unicast";
+}
+
+/**
+ * Resolves a destination once (IP literals are kept as they are; a name takes the first address
+ * the system resolver gives) and checks that it may be sent to.
+ *
+ * @throws {RangeError} for an unspecified or broadcast address, or a multicast one unless allowed
+ * @throws {Error} when the name does not resolve (with the resolver's error as `cause`)
+ */
+export async function resolveDestination(
+  hp: HostPort,
+  { allowMulticast = false }: { allowMulticast?: boolean } = {},
+): Promise<RtpDestination> {
+  let address = hp.host;
+  if (isIP(address) === 0) {
+    try {
+      address = (await lookup(hp.host)).address;
+    } catch (e) {
+      throw new Error(
+        `Cannot resolve RTP destination "${hp.host}": ${(e as Error).message}`,
+        { cause: e },
+      );
+    }
+  }
+  const scope = addressScope(address);
+  const shown = hp.host === address ? `"${address}"` : `"${hp.host}" (${address})`;
+  if (scope === "unspecified" || scope === "broadcast") {
+    throw new RangeError(
+      `Cannot send RTP to ${shown}: it is a ${scope} address, expected a unicast or multicast one`,
+    );
+  }
+  if (scope === "multicast" && !allowMulticast) {
+    throw new RangeError(
+      `Cannot send RTP to ${shown}: it is a multicast address; allow multicast explicitly to use it`,
+    );
+  }
+  return { host: hp.host, address, family: isIP(address) === 6 ? 6 : 4, port: hp.port };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics.
+
+/** RTP-only series (the shared ones are in {@link transportMetrics}). */
+export function rtpMetrics(r: Registry) {
+  return {
+    sendErrors: r.counter("kvm_audio_rtp_send_errors_total", "RTP datagrams the socket refused"),
+    dtxNotSent: r.counter(
+      "kvm_audio_rtp_dtx_not_sent_total",
+      "DTX/silence frames (at most 2 bytes) not sent over RTP",
+    ),
+    rtcpIgnored: r.counter(
+      "kvm_audio_rtp_rtcp_ignored_total",
+      "RTCP packets received on the RTP input port and ignored",
+    ),
+  };
+}
+
+/** A counter series or an unlabelled counter. */
+type Count = Pick<CounterSeries, "inc">;
+
+function randomUint32(): number {
+  return crypto.getRandomValues(new Uint32Array(1))[0]!;
+}
+
+function checkPayloadType(value: unknown): number {
+  if (typeof value !== "number") {
+    throw new TypeError(
+      `Invalid RTP payload type ${JSON.stringify(value) ?? String(value)}: expected a number`,
+    );
+  }
+  if (
+    !Number.isInteger(value) || value < DYNAMIC_PAYLOAD_TYPES.min ||
+    value > DYNAMIC_PAYLOAD_TYPES.max
+  ) {
+    throw new RangeError(
+      `Invalid RTP payload type "${value}": expected a dynamic payload type from 96 to 127`,
+    );
+  }
+  return value;
+}
+
+function bindSocket(socket: dgram.Socket, port: number, address: string): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onError = (e: Error) => reject(e);
+    socket.once("error", onError);
+    socket.bind(port, address, () => {
+      socket.off("error", onError);
+      resolve();
+    });
+  });
+}
+
+function closeSocket(socket: dgram.Socket): Promise<void> {
+  return new Promise((resolve) => {
+    try {
+      socket.close(() => resolve());
+    } catch {
+      resolve(); // already closed
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sender.
+
+/** What the sender needs of the service. */
+export type FrameSource = Pick<AudioService, "subscribe" | "metrics">;
+
+/** Options of {@link RtpSender.open}. */
+export interface RtpSenderOptions {
+  /** Where to send: `HOST:PORT` strings or parsed pairs. At least one. */
+  readonly destinations: readonly (string | HostPort)[];
+  /** Payload type, 96–127; 111 when unset. */
+  readonly payloadType?: number;
+  /** Allow multicast destinations (refused otherwise). */
+  readonly allowMulticast?: boolean;
+  /** Also send DTX/silence packets of at most 2 bytes (skipped otherwise). */
+  readonly sendDtx?: boolean;
+  /** Datagrams a destination may have queued in the socket before more are dropped; 64. */
+  readonly maxInFlight?: number;
+  /** Fixed SSRC (tests); random when unset. */
+  readonly ssrc?: number;
+  /** First sequence number (tests); random when unset. */
+  readonly firstSequence?: number;
+  /** Added to every frame timestamp (tests); random when unset. */
+  readonly timestampBase?: number;
+}
+
+/** Per-destination counts of an {@link RtpSender}. */
+export interface RtpDestinationStats extends RtpDestination {
+  readonly sent: number;
+  readonly sentBytes: number;
+  readonly errors: number;
+  readonly lastError: string | null;
+}
+
+/** Counts of an {@link RtpSender}. */
+export interface RtpSenderStats {
+  readonly ssrc: number;
+  readonly payloadType: number;
+  /** RTP packets built (each goes to every destination). */
+  readonly packets: number;
+  readonly dtxNotSent: number;
+  readonly destinations: readonly RtpDestinationStats[];
+}
+
+interface Target {
+  readonly dest: RtpDestination;
+  readonly socket: dgram.Socket;
+  inFlight: number;
+  sent: number;
+  sentBytes: number;
+  errors: number;
+  lastError: string | null;
+}
+
+/**
+ * Sends the service's encoded output frames as Opus RTP to fixed destinations. Open with
+ * {@link RtpSender.open}; {@link close} stops it.
+ */
+export class RtpSender implements AsyncDisposable {
+  readonly #targets: Target[];
+  readonly #payloadType: number;
+  readonly #ssrc: number;
+  readonly #timestampBase: number;
+  readonly #sendDtx: boolean;
+  readonly #maxInFlight: number;
+  #sequence: number;
+  #unsubscribe: (() => void) | null;
+  #first = true;
+  #gap = false;
+  #expectTimestamp = 0;
+  #expectFrameSeq = 0;
+  #packets = 0;
+  #dtxNotSent = 0;
+  #closed = false;
+  readonly #m: {
+    sent: Count;
+    sentBytes: Count;
+    backlog: Count;
+    sendErrors: Count;
+    dtxNotSent: Count;
+  };
+
+  private constructor(
+    source: FrameSource,
+    targets: Target[],
+    options: RtpSenderOptions,
+  ) {
+    this.#targets = targets;
+    this.#payloadType = options.payloadType ?? DEFAULT_OPUS_PAYLOAD_TYPE;
+    this.#ssrc = options.ssrc ?? randomUint32();
+    this.#sequence = options.firstSequence ?? randomUint32() & 0xffff;
+    this.#timestampBase = options.timestampBase ?? randomUint32();
+    this.#sendDtx = options.sendDtx ?? false;
+    this.#maxInFlight = options.maxInFlight ?? 64;
+    const t = transportMetrics(source.metrics);
+    const r = rtpMetrics(source.metrics);
+    this.#m = {
+      sent: t.sent.labels({ transport: "rtp" }),
+      sentBytes: t.sentBytes.labels({ transport: "rtp" }),
+      backlog: t.dropped.labels({ reason: "rtp_backlog" }),
+      sendErrors: r.sendErrors,
+      dtxNotSent: r.dtxNotSent,
+    };
+    this.#unsubscribe = source.subscribe((f) => this.#onFrame(f));
+  }
+
+  /**
+   * Validates the options, resolves every destination once, binds one socket per destination
+   * (on the loopback address for a loopback destination, so nothing else is bound) and starts
+   * sending the frames `source` publishes.
+   *
+   * @throws {TypeError} / {RangeError} for a bad option or destination
+   */
+  static async open(source: FrameSource, options: RtpSenderOptions): Promise<RtpSender> {
+    if (!Array.isArray(options?.destinations) || options.destinations.length === 0) {
+      throw new TypeError(
+        `Invalid RTP destinations ${
+          JSON.stringify(options?.destinations) ?? "undefined"
+        }: expected at least one HOST:PORT`,
+      );
+    }
+    if (options.payloadType !== undefined) checkPayloadType(options.payloadType);
+    for (
+      const [what, v, max] of [
+        ["SSRC", options.ssrc, 0xffffffff],
+        ["first sequence number", options.firstSequence, 0xffff],
+        ["timestamp base", options.timestampBase, 0xffffffff],
+        ["in-flight limit", options.maxInFlight, 1 << 20],
+      ] as const
+    ) {
+      if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > max)) {
+        throw new RangeError(`Invalid RTP ${what} "${v}": expected an integer from 0 to ${max}`);
+      }
+    }
+    const dests: RtpDestination[] = [];
+    for (const d of options.destinations) {
+      const hp = typeof d === "string"
+        ? parseHostPort(d)
+        : parseHostPort(`${isIP(d.host) === 6 ? `[${d.host}]` : d.host}:${d.port}`);
+      dests.push(
+        await resolveDestination(hp, { allowMulticast: options.allowMulticast ?? false }),
+      );
+    }
+    const targets: Target[] = [];
+    try {
+      for (const dest of dests) {
+        const socket = dgram.createSocket(dest.family === 6 ? "udp6" : "udp4");
+        const target: Target = {
+          dest,
+          socket,
+          inFlight: 0,
+          sent: 0,
+          sentBytes: 0,
+          errors: 0,
+          lastError: null,
+        };
+        targets.push(target);
+        const loopback = addressScope(dest.address) === "loopback";
+        await bindSocket(
+          socket,
+          0,
+          dest.family === 6 ? (loopback ? "::1" : "::") : (loopback ? "127.0.0.1" : "0.0.0.0"),
+        );
+        // Nothing is expected back; drain whatever arrives so it does not queue up.
+        socket.on("message", () => {});
+        socket.on("error", (e) => RtpSender.#failed(target, e, null));
+      }
+    } catch (e) {
+      await Promise.all(targets.map((t) => closeSocket(t.socket)));
+      throw e;
+    }
+    const sender = new RtpSender(source, targets, options);
+    log.info("Sending Opus RTP (payload type {pt}, SSRC {ssrc}) to {to}", {
+      pt: sender.#payloadType,
+      ssrc: sender.#ssrc,
+      to: dests.map((d) => `${d.address}:${d.port}`).join(", "),
+    });
+    return sender;
+  }
+
+  static #failed(
+    target: Target,
+    e: Error,
+    counter: Count | null,
+  ): void {
+    target.errors++;
+    counter?.inc();
+    if (target.lastError !== e.message) {
+      log.warn("RTP to {address}:{port} failed: {error}", {
+        address: target.dest.address,
+        port: target.dest.port,
+        error: e.message,
+      });
+    }
+    target.lastError = e.message;
+  }
+
+  #onFrame(f: EncodedFrame): void {
+    const continuous = f.timestamp === this.#expectTimestamp && f.seq === this.#expectFrameSeq;
+    this.#expectTimestamp = (f.timestamp + f.samples) >>> 0;
+    this.#expectFrameSeq = (f.seq + 1) >>> 0;
+    if (f.silence && !this.#sendDtx) {
+      this.#dtxNotSent++;
+      this.#m.dtxNotSent.inc();
+      this.#gap = true;
+      return;
+    }
+    const marker = this.#first || this.#gap || !continuous;
+    const packet = writeRtp({
+      payloadType: this.#payloadType,
+      sequence: this.#sequence,
+      timestamp: (f.timestamp + this.#timestampBase) >>> 0,
+      ssrc: this.#ssrc,
+      marker,
+    }, f.data);
+    this.#sequence = (this.#sequence + 1) & 0xffff;
+    this.#first = false;
+    this.#gap = false;
+    this.#packets++;
+    for (const t of this.#targets) this.#send(t, packet);
+  }
+
+  #send(t: Target, packet: Uint8Array): void {
+    if (t.inFlight >= this.#maxInFlight) {
+      this.#m.backlog.inc();
+      return;
+    }
+    t.inFlight++;
+    try {
+      t.socket.send(packet, t.dest.port, t.dest.address, (err) => {
+        t.inFlight--;
+        if (err) {
+          RtpSender.#failed(t, err, this.#m.sendErrors);
+          return;
+        }
+        t.sent++;
+        t.sentBytes += packet.length;
+        this.#m.sent.inc();
+        this.#m.sentBytes.inc(packet.length);
+      });
+    } catch (e) {
+      t.inFlight--;
+      RtpSender.#failed(t, e as Error, this.#m.sendErrors);
+    }
+  }
+
+  /** The SSRC of the stream. */
+  get ssrc(): number {
+    return this.#ssrc;
+  }
+
+  /** The payload type of the stream. */
+  get payloadType(): number {
+    return this.#payloadType;
+  }
+
+  /** The resolved destinations, in the order given. */
+  get destinations(): readonly RtpDestination[] {
+    return this.#targets.map((t) => t.dest);
+  }
+
+  /** Counts so far. */
+  get stats(): RtpSenderStats {
+    return {
+      ssrc: this.#ssrc,
+      payloadType: this.#payloadType,
+      packets: this.#packets,
+      dtxNotSent: this.#dtxNotSent,
+      destinations: this.#targets.map((t) => ({
+        ...t.dest,
+        sent: t.sent,
+        sentBytes: t.sentBytes,
+        errors: t.errors,
+        lastError: t.lastError,
+      })),
+    };
+  }
+
+  /**
+   * The SDP a receiver at the first destination needs, for the stream shape `preset` gives
+   * (pass the service's current `outputPreset`: channels and frame duration follow it).
+   */
+  sdp(preset: { channels: number; frameMs: number; inbandFec: boolean }): string {
+    return sdpFor(this.#targets[0]!.dest, {
+      payloadType: this.#payloadType,
+      channels: preset.channels,
+      frameMs: preset.frameMs,
+      inbandFec: preset.inbandFec,
+      sessionId: this.#ssrc,
+    });
+  }
+
+  /** Stops sending and closes the sockets. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#unsubscribe?.();
+    this.#unsubscribe = null;
+    await Promise.all(this.#targets.map((t) => closeSocket(t.socket)));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiver.
+
+/** What the receiver needs of the service. */
+export type MicrophoneSink = Pick<AudioService, "pushMicrophonePacket" | "metrics">;
+
+/** Options of {@link RtpReceiver.listen}. */
+export interface RtpReceiverOptions {
+  /** UDP port; 0 picks a free one (see {@link RtpReceiver.port}). */
+  readonly port: number;
+  /** Address to bind; 127.0.0.1 when unset. */
+  readonly host?: string;
+  /** Payload type accepted; any dynamic one (96–127) when unset or `null`. */
+  readonly payloadType?: number | null;
+  /** Socket receive buffer to ask for, bytes (the kernel may cap it); 1 MiB when unset. */
+  readonly receiveBufferBytes?: number;
+}
+
+/** Counts of an {@link RtpReceiver}. */
+export interface RtpReceiverStats {
+  /** Datagrams the socket delivered. */
+  readonly datagrams: number;
+  /** Valid RTP handed to the service. */
+  readonly accepted: number;
+  /** Invalid RTP, by reason. */
+  readonly malformed: Readonly<Record<RtpMalformedReason, number>>;
+  /** RTCP ignored. */
+  readonly rtcp: number;
+  /** Times the SSRC changed after the first packet. */
+  readonly ssrcChanges: number;
+  /** SSRC of the latest valid packet; null before the first. */
+  readonly ssrc: number | null;
+}
+
+/**
+ * Receives Opus RTP on a UDP port and feeds the payloads to the microphone pipeline. Start with
+ * {@link RtpReceiver.listen}; {@link close} stops it.
+ */
+export class RtpReceiver implements AsyncDisposable {
+  readonly #socket: dgram.Socket;
+  readonly #sink: MicrophoneSink;
+  readonly #payloadType: number | null;
+  readonly #port: number;
+  readonly #address: string;
+  #datagrams = 0;
+  #accepted = 0;
+  #rtcp = 0;
+  #ssrcChanges = 0;
+  #ssrc: number | null = null;
+  readonly #malformed: Record<RtpMalformedReason, number> = {
+    short: 0,
+    version: 0,
+    csrc: 0,
+    extension: 0,
+    padding: 0,
+    empty: 0,
+    payload_type: 0,
+    rtcp: 0,
+  };
+  readonly #malformedMetric: Count;
+  readonly #rtcpMetric: Count;
+  #lastReason: RtpMalformedReason | null = null;
+  #closed = false;
+
+  private constructor(
+    socket: dgram.Socket,
+    sink: MicrophoneSink,
+    payloadType: number | null,
+  ) {
+    this.#socket = socket;
+    this.#sink = sink;
+    this.#payloadType = payloadType;
+    const a = socket.address();
+    this.#port = a.port;
+    this.#address = a.address;
+    this.#malformedMetric = transportMetrics(sink.metrics).malformed.labels({ reason: "rtp" });
+    this.#rtcpMetric = rtpMetrics(sink.metrics).rtcpIgnored;
+    socket.on("message", (msg: Uint8Array) => this.#onDatagram(msg));
+  }
+
+  /**
+   * Binds the port and starts feeding `sink`.
+   *
+   * @throws {TypeError} / {RangeError} for a bad option
+   * @throws {Error} when the port cannot be bound (the socket error as `cause`)
+   */
+  static async listen(sink: MicrophoneSink, options: RtpReceiverOptions): Promise<RtpReceiver> {
+    const port = options?.port;
+    if (typeof port !== "number" || !Number.isInteger(port) || port < 0 || port > 65535) {
+      throw new RangeError(
+        `Invalid RTP input port ${
+          JSON.stringify(port) ?? String(port)
+        }: expected an integer from 0 to 65535`,
+      );
+    }
+    const host = options.host ?? "127.0.0.1";
+    const family = isIP(host);
+    if (family === 0) {
+      throw new RangeError(`Invalid RTP input address "${host}": expected an IP address literal`);
+    }
+    const payloadType = options.payloadType == null ? null : checkPayloadType(options.payloadType);
+    const socket = dgram.createSocket(family === 6 ? "udp6" : "udp4");
+    socket.on("error", (e) => log.error("RTP input socket failed: {error}", { error: e.message }));
+    try {
+      await bindSocket(socket, port, host);
+    } catch (e) {
+      await closeSocket(socket);
+      throw new Error(
+        `Cannot listen for RTP on ${family === 6 ? `[${host}]` : host}:${port}: ${
+          (e as Error).message
+        }`,
+        { cause: e },
+      );
+    }
+    try {
+      socket.setRecvBufferSize(options.receiveBufferBytes ?? 1 << 20);
+    } catch (e) {
+      log.warn("Cannot enlarge the RTP receive buffer: {error}", { error: (e as Error).message });
+    }
+    const receiver = new RtpReceiver(socket, sink, payloadType);
+    log.info("Receiving Opus RTP on {address}:{port} (payload type {pt})", {
+      address: receiver.#address,
+      port: receiver.#port,
+      pt: payloadType ?? "96-127",
+    });
+    return receiver;
+  }
+
+  #onDatagram(msg: Uint8Array): void {
+    this.#datagrams++;
+    const r = readRtp(msg, { payloadType: this.#payloadType });
+    if (r.kind === "malformed") {
+      this.#malformed[r.reason]++;
+      this.#malformedMetric.inc();
+      if (this.#lastReason !== r.reason) {
+        log.debug("Dropped malformed RTP: {message}", { message: r.message });
+        this.#lastReason = r.reason;
+      }
+      return;
+    }
+    if (r.kind === "rtcp") {
+      this.#rtcp++;
+      this.#rtcpMetric.inc();
+      return;
+    }
+    const p = r.packet;
+    if (this.#ssrc !== p.ssrc) {
+      if (this.#ssrc !== null) {
+        this.#ssrcChanges++;
+        log.info("RTP input SSRC changed from {from} to {to}", { from: this.#ssrc, to: p.ssrc });
+      }
+      this.#ssrc = p.ssrc;
+    }
+    this.#accepted++;
+    try {
+      this.#sink.pushMicrophonePacket(p.payload, p.sequence, p.timestamp, "rtp");
+    } catch (e) {
+      log.error("Cannot queue an RTP payload: {error}", { error: (e as Error).message });
+    }
+  }
+
+  /** The bound port. */
+  get port(): number {
+    return this.#port;
+  }
+
+  /** The bound address. */
+  get address(): string {
+    return this.#address;
+  }
+
+  /** Counts so far. */
+  get stats(): RtpReceiverStats {
+    return {
+      datagrams: this.#datagrams,
+      accepted: this.#accepted,
+      malformed: { ...this.#malformed },
+      rtcp: this.#rtcp,
+      ssrcChanges: this.#ssrcChanges,
+      ssrc: this.#ssrc,
+    };
+  }
+
+  /** Stops receiving and closes the socket. Idempotent. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await closeSocket(this.#socket);
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.close();
+  }
+}

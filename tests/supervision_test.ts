@@ -1,0 +1,173 @@
+import assert from "node:assert/strict";
+import { OpusDecoder } from "../ffi/opus.ts";
+import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
+import { AudioService } from "../lib/service.ts";
+import { useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
+import { channel, dominantFrequency, tempDir, tone } from "./audio_util.ts";
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
+  const end = Date.now() + ms;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error(`Timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+/** Open descriptors of this process (read by `ls`: Deno guards /proc/self behind --allow-all). */
+/** Open descriptors of this process that point into `dir` (the virtual device's files). */
+async function deviceFds(dir: string): Promise<number> {
+  const out = await new Deno.Command("ls", { args: ["-l", `/proc/${Deno.pid}/fd`] }).output();
+  return new TextDecoder().decode(out.stdout).split("\n").filter((l) => l.includes(dir)).length;
+}
+async function openFds(): Promise<number> {
+  const out = await new Deno.Command("ls", { args: [`/proc/${Deno.pid}/fd`] }).output();
+  return new TextDecoder().decode(out.stdout).split("\n").filter(Boolean).length;
+}
+
+async function outputService(dir: string, opts: { breaker?: number } = {}) {
+  await writeRaw(
+    `${dir}/in.raw`,
+    tone({ freq: 800, channels: 2, frames: 48000 * 60, amplitude: 0.4 }),
+  );
+  const cfg = await writeAlsaConfig(dir, {
+    kvm_test_capture: { type: "file", infile: `${dir}/in.raw` },
+  });
+  const restore = useAlsaConfig(cfg);
+  const service = new AudioService({
+    capture: "kvm_test_capture",
+    playback: null,
+    pace: "clock",
+    allowFaults: true,
+    supervisor: {
+      stallMs: 400,
+      graceMs: 200,
+      backoff: { initialMs: 200, maxMs: 400 },
+      breaker: { maxCrashes: opts.breaker ?? 5, windowMs: 60_000 },
+    },
+  });
+  return { service, restore };
+}
+
+Deno.test("a crashed output worker is restarted and audio resumes; the control state survives", async () => {
+  await using dir = await tempDir();
+  const { service, restore } = await outputService(dir.path);
+  using _ = restore;
+  const packets: { seq: number; data: Uint8Array }[] = [];
+  service.subscribe((f) => packets.push({ seq: f.seq, data: f.data.slice() }));
+  service.setOutputPreset("medium");
+  service.start();
+  await until("first packets", () => packets.length > 20);
+  const fdsRunning = await openFds();
+
+  Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.throw);
+  await until("a restart", () => (service.outputStatus().supervisor?.restarts ?? 0) >= 1);
+  const before = packets.length;
+  await until("audio after the restart", () => packets.length > before + 25);
+  const st = service.outputStatus();
+  assert.equal(st.supervisor?.lastExit, "crash");
+  assert.match(st.supervisor?.lastError ?? "", /Injected fault/);
+  assert.equal(st.preset, "medium");
+  assert.equal(service.appliedOutputPreset, "medium", "the new incarnation applied the saved preset");
+  // The sequence continues across the restart (no reuse of numbers).
+  for (let i = 1; i < packets.length; i++) assert.ok(packets[i]!.seq > packets[i - 1]!.seq);
+  // The audio after the restart is the tone.
+  using dec = OpusDecoder.create({ channels: 2 });
+  const pcm = new Int16Array(960 * 2 * 20);
+  const tail = packets.slice(-20);
+  tail.forEach((p, i) => dec.decode(p.data, pcm.subarray(i * 1920), 960));
+  assert.ok(Math.abs(dominantFrequency(channel(pcm, 2).subarray(1920), 48000) - 800) < 10);
+  await service.close();
+  assert.ok(await openFds() <= fdsRunning, "no descriptors leaked by the crash");
+});
+
+Deno.test("a stalled output worker is terminated, its device released, and restarted", async () => {
+  await using dir = await tempDir();
+  const { service, restore } = await outputService(dir.path);
+  using _ = restore;
+  let count = 0;
+  service.subscribe(() => count++);
+  service.start();
+  await until("first packets", () => count > 10);
+  for (let i = 0; i < 3; i++) {
+    const restarts = service.outputStatus().supervisor?.restarts ?? 0;
+    Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.stall);
+    await until("a stall restart", () => (service.outputStatus().supervisor?.restarts ?? 0) > restarts);
+    assert.equal(service.outputStatus().supervisor?.lastExit, "stall");
+    const c = count;
+    await until("audio after the stall", () => count > c + 10);
+    // The terminated worker's PCM (its open input file) was closed through its orphan token.
+    await sleep(300);
+    assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+  }
+  await service.close();
+  await sleep(300);
+  assert.equal(await deviceFds(dir.path), 0);
+  // (Deno itself keeps a few event-loop descriptors per terminated worker; not ours to close.)
+});
+
+Deno.test("repeated crashes open the breaker and the status says so", async () => {
+  await using dir = await tempDir();
+  const { service, restore } = await outputService(dir.path, { breaker: 3 });
+  using _ = restore;
+  service.start();
+  for (let i = 0; i < 3; i++) {
+    await until("running", () => service.outputStatus().state === "running");
+    await sleep(100);
+    Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.throw);
+    await until("crash seen", () => (service.outputStatus().supervisor?.crashes ?? 0) > i);
+  }
+  await until("broken", () => service.outputStatus().state === "broken");
+  const st = service.outputStatus();
+  assert.equal(st.supervisor?.breakerOpen, true);
+  assert.equal(st.running, false);
+  await sleep(600);
+  assert.equal(service.outputStatus().state, "broken", "no restart while the breaker is open");
+  service.supervisors.output!.resetBreaker();
+  await until("running again", () => service.outputStatus().state === "running");
+  await service.close();
+});
+
+Deno.test("a missing device leaves the service up, waiting and retrying", async () => {
+  await using service = new AudioService({
+    capture: "kvm_no_such_device",
+    playback: null,
+    supervisor: { stallMs: 2000 },
+  });
+  service.start();
+  await until("a device error", () => service.outputStatus().lastDeviceError !== null);
+  assert.match(service.outputStatus().lastDeviceError!, /kvm_no_such_device/);
+  await sleep(700);
+  const st = service.outputStatus();
+  assert.equal(st.supervisor?.workerState, "waiting-for-device");
+  assert.equal(st.supervisor?.crashes, 0, "a missing device is not a crash");
+});
+
+Deno.test("control state is saved atomically and restored by a new service", async () => {
+  await using dir = await tempDir();
+  const stateFile = `${dir.path}/state.json`;
+  {
+    await using a = new AudioService({ capture: null, playback: null, stateFile });
+    assert.throws(() => a.setOutputPreset("loud"), RangeError);
+    a.setOutputPreset("ultra");
+    a.setMicrophonePreset("low");
+    a.setMuted(true);
+  }
+  const saved = JSON.parse(await Deno.readTextFile(stateFile));
+  assert.equal(saved.outputPreset, "ultra");
+  {
+    await using b = new AudioService({
+      capture: null,
+      playback: null,
+      stateFile,
+      outputPreset: "low",
+    });
+    assert.equal(b.outputPreset.name, "ultra", "the saved state wins over start-up flags");
+    assert.equal(b.microphonePreset.name, "low");
+    assert.equal(b.muted, true);
+  }
+  await Deno.writeTextFile(stateFile, "{not json");
+  await using c = new AudioService({ capture: null, playback: null, stateFile });
+  assert.equal(c.outputPreset.name, "high", "a corrupt file falls back to the flags");
+});
