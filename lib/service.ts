@@ -119,10 +119,20 @@ export interface PipelineStatus {
 /** Why a microphone packet was refused. */
 export type PushResult = "queued" | "malformed" | "not-running";
 
-const WORKER_URLS = {
-  output: new URL("./pipeline/output_worker.ts", import.meta.url).href,
-  input: new URL("./pipeline/input_worker.ts", import.meta.url).href,
-};
+/**
+ * Where the worker modules are. From source (and in a `deno compile` executable, which keeps the
+ * source layout and embeds the workers through `--include`) they sit beside this file. In a bundle
+ * (`deno task bundle`), this code is inlined into the bundle's entry `main.js`, and the workers
+ * were bundled as entries of their own under `lib/pipeline/` beside it.
+ */
+function workerUrl(name: "output_worker" | "input_worker"): string {
+  const here = import.meta.url;
+  return here.endsWith("/lib/service.ts")
+    ? new URL(`./pipeline/${name}.ts`, here).href
+    : new URL(`./lib/pipeline/${name}.js`, here).href;
+}
+
+const WORKER_URLS = { output: workerUrl("output_worker"), input: workerUrl("input_worker") };
 
 class Pipeline {
   readonly supervisor: Supervisor;

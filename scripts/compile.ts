@@ -1,0 +1,93 @@
+/**
+ * `deno task compile [--target T…] [--outdir DIR]`: one executable per target
+ * (`aarch64-unknown-linux-gnu`, `x86_64-unknown-linux-gnu`; both by default), with the workers and
+ * the page embedded and the permissions baked in.
+ *
+ * `deno compile` builds on a `denort` base runtime it downloads from Deno's own host. Where that
+ * host cannot be reached, set `DENORT_BIN_AARCH64` / `DENORT_BIN_X86_64` (or `DENORT_BIN` for a
+ * single target) to a `denort` binary of the same Deno version (2.9.5) and that target.
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+/** The targets and the variable naming each one's `denort`. */
+export const TARGETS = {
+  "aarch64-unknown-linux-gnu": "DENORT_BIN_AARCH64",
+  "x86_64-unknown-linux-gnu": "DENORT_BIN_X86_64",
+} as const;
+export type Target = keyof typeof TARGETS;
+
+/** Permissions baked into the executable: the same as `deno task start`. */
+export const RUNTIME_FLAGS = [
+  "--allow-ffi",
+  "--allow-read",
+  "--allow-write",
+  "--allow-env",
+  "--allow-net",
+  "--allow-sys=hostname,osRelease",
+];
+
+/** Modules loaded at run time that static analysis does not see: the pipeline workers. */
+export const INCLUDES = ["lib/pipeline/output_worker.ts", "lib/pipeline/input_worker.ts"];
+
+/** The `deno compile` arguments for one target. */
+export function compileArgs(target: Target, outdir: string): string[] {
+  return [
+    "compile",
+    "--target",
+    target,
+    ...INCLUDES.flatMap((f) => ["--include", f]),
+    ...RUNTIME_FLAGS,
+    "--output",
+    `${outdir}/kvm-audio-${target}`,
+    "main.ts",
+  ];
+}
+
+function denortFor(target: Target, single: boolean): string | undefined {
+  return Deno.env.get(TARGETS[target]) || (single ? Deno.env.get("DENORT_BIN") : undefined);
+}
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: { target: { type: "string", multiple: true }, outdir: { type: "string" } },
+  });
+  const targets = (values.target ?? Object.keys(TARGETS)) as string[];
+  for (const t of targets) {
+    if (!Object.hasOwn(TARGETS, t)) {
+      console.error(`Unknown --target "${t}": expected one of ${Object.keys(TARGETS).join(", ")}`);
+      Deno.exit(2);
+    }
+  }
+  const outdir = values.outdir ?? "dist";
+  Deno.mkdirSync(outdir, { recursive: true });
+  let failed = 0;
+  for (const target of targets as Target[]) {
+    const denort = denortFor(target, targets.length === 1);
+    const env: Record<string, string> = denort ? { DENORT_BIN: denort } : {};
+    console.error(`compile: ${target}${denort ? ` with DENORT_BIN=${denort}` : ""}`);
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: compileArgs(target, outdir),
+      env,
+      stdout: "inherit",
+      stderr: "piped",
+    }).output();
+    const err = new TextDecoder().decode(out.stderr);
+    await Deno.stderr.write(out.stderr);
+    if (!out.success) {
+      failed++;
+      if (!denort && /denort|download|dl\.deno\.land|error sending request|dns/i.test(err)) {
+        console.error(
+          `compile: deno compile could not download its denort base runtime for ${target} ` +
+            `(no access to Deno's download host). Set ${TARGETS[target]} (or DENORT_BIN when ` +
+            `compiling one target) to the path of a denort 2.9.5 binary for ${target}, e.g. ` +
+            `unzipped from denort-${target}.zip of the Deno 2.9.5 release.`,
+        );
+      }
+    }
+  }
+  Deno.exit(failed ? 1 : 0);
+}
