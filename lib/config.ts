@@ -236,7 +236,8 @@ export function parseConfig(
   }
   let values: Record<string, string | boolean | string[] | undefined>;
   try {
-    values = parseArgs({ args: [...args], options, strict: true, allowPositionals: false }).values;
+    values = parseArgs({ args: [...args], options, strict: true, allowPositionals: false })
+      .values as Record<string, string | boolean | string[] | undefined>;
   } catch (e) {
     throw new ConfigError(`${(e as Error).message}; see --help`);
   }

@@ -210,6 +210,7 @@ export class AudioService implements AsyncDisposable {
   readonly #input: Pipeline | null;
   #state: ControlState;
   readonly #listeners = new Set<FrameListener>();
+  readonly #controlListeners = new Set<() => void>();
   #pumping = false;
   #closed = false;
   #pump: Promise<void> | null = null;
@@ -310,6 +311,25 @@ export class AudioService implements AsyncDisposable {
     }
   }
 
+  /**
+   * Adds a listener called after every control change (preset, mute, start, stop), whoever made
+   * it; returns its removal.
+   */
+  onControlChange(listener: () => void): () => void {
+    this.#controlListeners.add(listener);
+    return () => this.#controlListeners.delete(listener);
+  }
+
+  #changed(): void {
+    for (const l of this.#controlListeners) {
+      try {
+        l();
+      } catch (e) {
+        log.error("Control listener failed: {error}", { error: (e as Error).message });
+      }
+    }
+  }
+
   #save(): void {
     if (!this.options.stateFile) return;
     try {
@@ -333,8 +353,11 @@ export class AudioService implements AsyncDisposable {
     p.wanted = true;
     this.#state.outputRunning = true;
     this.#save();
-    p.supervisor.start();
+    // An explicit start is the operator closing an open crash-loop breaker.
+    if (p.supervisor.state === "broken") p.supervisor.resetBreaker();
+    else p.supervisor.start();
     this.#startPump();
+    this.#changed();
   }
 
   /** Stops the output pipeline (gracefully, then by terminate). */
@@ -343,6 +366,7 @@ export class AudioService implements AsyncDisposable {
     p.wanted = false;
     this.#state.outputRunning = false;
     this.#save();
+    this.#changed();
     await p.supervisor.stop();
   }
 
@@ -352,7 +376,9 @@ export class AudioService implements AsyncDisposable {
     p.wanted = true;
     this.#state.microphoneRunning = true;
     this.#save();
-    p.supervisor.start();
+    if (p.supervisor.state === "broken") p.supervisor.resetBreaker();
+    else p.supervisor.start();
+    this.#changed();
   }
 
   /** Stops the microphone pipeline. */
@@ -361,6 +387,7 @@ export class AudioService implements AsyncDisposable {
     p.wanted = false;
     this.#state.microphoneRunning = false;
     this.#save();
+    this.#changed();
     await p.supervisor.stop();
   }
 
@@ -387,6 +414,7 @@ export class AudioService implements AsyncDisposable {
     this.#state.outputPreset = next.name;
     this.#save();
     this.#writeControlWords();
+    this.#changed();
     if (!this.#output?.wanted) return "stored";
     return needsNewEncoder(prev, next) ? "rebuilt" : "live";
   }
@@ -401,6 +429,7 @@ export class AudioService implements AsyncDisposable {
     this.#state.microphonePreset = next.name;
     this.#save();
     this.#writeControlWords();
+    this.#changed();
     return "stored";
   }
 
@@ -414,6 +443,7 @@ export class AudioService implements AsyncDisposable {
     this.#state.muted = muted;
     this.#save();
     this.#writeControlWords();
+    this.#changed();
   }
 
   get outputPreset(): Preset {

@@ -75,8 +75,14 @@ export function createApp(service: AudioService, opts: AppOptions = {}): Hono<Ap
   const hub = new WebSocketHub(service, opts.hub);
   const talk = new TalkChannel(service);
   const deps: RouteDeps = { service, hub, talk };
+  // Whoever changes a preset, mute or a pipeline's running state, clients get a new hello.
+  const unsubscribe = service.onControlChange(() => {
+    hub.refresh();
+    talk.refresh();
+  });
   if (opts.signal !== undefined) {
     const shutdown = () => {
+      unsubscribe();
       hub.close();
       talk.close();
     };

@@ -116,7 +116,6 @@ export function audioRoutes({ service, hub }: RouteDeps): RouteSpec[] {
         const body = await readJsonBody(c, QUALITY_BODY);
         const preset = checkField("preset", PRESET_NAMES, () => getPreset("output", body.preset));
         const applied = service.setOutputPreset(preset.name);
-        hub.refresh();
         return c.json({ preset: preset.name, applied });
       }],
     },
@@ -143,7 +142,6 @@ export function audioRoutes({ service, hub }: RouteDeps): RouteSpec[] {
       handlers: [async (c) => {
         const body = await readJsonBody(c, MUTE_BODY);
         checkField("muted", [true, false], () => service.setMuted(body.muted));
-        hub.refresh();
         return c.json({ muted: service.muted });
       }],
     },
@@ -160,9 +158,8 @@ export function audioRoutes({ service, hub }: RouteDeps): RouteSpec[] {
         200: json(SCHEMAS.outputStatus, "Status after the start"),
         409: json(SCHEMAS.error, "The output pipeline is disabled"),
       },
-      handlers: [enabled, async (c) => {
+      handlers: [enabled, (c) => {
         // A supervisor ignores a start while its breaker is open; a stop closes the breaker.
-        if (service.outputStatus().supervisor?.breakerOpen) await service.stopOutput();
         service.startOutput();
         return c.json(outputStatus(service, hub));
       }],

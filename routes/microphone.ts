@@ -342,7 +342,6 @@ export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
           () => getPreset("microphone", body.preset),
         );
         const applied = service.setMicrophonePreset(preset.name);
-        talk.refresh();
         return c.json({ preset: preset.name, applied });
       }],
     },
@@ -359,10 +358,8 @@ export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
         200: json(SCHEMAS.microphoneStatus, "Status after the start"),
         409: json(SCHEMAS.error, "The microphone pipeline is disabled"),
       },
-      handlers: [enabled, async (c) => {
-        if (service.microphoneStatus().supervisor?.breakerOpen) await service.stopMicrophone();
+      handlers: [enabled, (c) => {
         service.startMicrophone();
-        talk.refresh();
         return c.json(microphoneStatus(service, talk));
       }],
     },
@@ -380,7 +377,6 @@ export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
       },
       handlers: [enabled, async (c) => {
         await service.stopMicrophone();
-        talk.refresh();
         return c.json(microphoneStatus(service, talk));
       }],
     },
