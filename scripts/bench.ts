@@ -1,0 +1,37 @@
+/**
+ * `deno task bench [--json] [NAME…]`: runs the project's benchmarks. Every figure is a ratio
+ * against a baseline measured in the same run; `--json` prints one JSON object per line
+ * (`{"name","value","unit","baseline","ratio"}`) so figures can be compared over time.
+ *
+ * Names select benchmarks: opus, ring (default: all).
+ *
+ * @module
+ */
+
+import { type BenchResult, report } from "./bench/report.ts";
+import { benchOpusCodec } from "./bench/opus_codec.ts";
+import { benchRingHop } from "./bench/ring_hop.ts";
+
+const BENCHES: Record<string, () => Promise<BenchResult[]>> = {
+  opus: () => benchOpusCodec(),
+  ring: () => benchRingHop(),
+};
+
+const args = Deno.args.filter((a) => a !== "--json");
+const json = Deno.args.includes("--json");
+const unknown = args.filter((a) => !Object.hasOwn(BENCHES, a));
+if (unknown.length > 0) {
+  console.error(
+    `Unknown benchmark ${JSON.stringify(unknown[0])}: expected one of ${
+      Object.keys(BENCHES).join(", ")
+    }`,
+  );
+  Deno.exit(2);
+}
+const names = args.length > 0 ? args : Object.keys(BENCHES);
+const all: BenchResult[] = [];
+for (const name of names) {
+  if (!json) console.error(`running ${name}…`);
+  all.push(...await BENCHES[name]!());
+}
+report(all, json);
