@@ -18,6 +18,7 @@
  * @module
  */
 
+import { mountWeb } from "./web.ts";
 import { Hono } from "hono";
 import type { AudioService } from "../lib/service.ts";
 import { type HubOptions, WebSocketHub } from "../lib/transport/hub.ts";
@@ -131,6 +132,8 @@ export function createApp(service: AudioService, opts: AppOptions = {}): Hono<Ap
     methods.set(r.path, m);
   }
   for (const [path, allowed] of methods) app.all(path, methodNotAllowed(allowed));
+  // The operator's page (embedded assets; no token needed to load it, the API still asks).
+  mountWeb(app);
   app.notFound(notFoundHandler());
   app.onError(errorHandler());
   return app;

@@ -1,0 +1,465 @@
+/**
+ * The operator's page in headless Chromium (Debian `chromium`, driven by playwright-core) against
+ * a real AudioService on virtual file PCMs, served by the real app on 127.0.0.1:
+ *
+ * - capture: a file PCM playing a 440 Hz tone, paced by the clock → the page listens, decodes with
+ *   WebCodecs and reports (through `window.kvmAudio.stats()`) the dominant frequency and level of
+ *   the last second it decoded;
+ * - playback: a file PCM the test reads back → the page talks with Chromium's fake microphone
+ *   (a 523 Hz WAV) and the playback file must hold 523 Hz;
+ * - the page's clear messages when WebCodecs is missing and when the microphone is refused.
+ *
+ * Skipped (ignored) when /usr/bin/chromium is not installed.
+ *
+ * @module
+ */
+
+import assert from "node:assert/strict";
+import fs from "node:fs";
+import type { BrowserContext, Page } from "playwright-core";
+import { AudioService } from "../lib/service.ts";
+import { createApp } from "../routes/app.ts";
+import { webRoutes } from "../routes/web.ts";
+import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
+import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+
+const CHROMIUM = "/usr/bin/chromium";
+const haveChromium = (() => {
+  try {
+    return Deno.statSync(CHROMIUM).isFile;
+  } catch {
+    return false;
+  }
+})();
+
+/**
+ * The flags of /work/shared/TESTING.md (without them Chromium floods the closed network). The
+ * fresh `--user-data-dir` is given through `launchPersistentContext`, which passes it on:
+ * playwright refuses it among `args`.
+ */
+const CHROMIUM_FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/**
+ * playwright-core asks at load time whether it runs under WSL by testing for
+ * /proc/sys/fs/binfmt_misc/WSLInterop; Deno lets only --allow-all touch /proc/sys, so with the
+ * test task's flags that load would fail. Answer that one question (it is not WSL) before loading.
+ */
+async function loadPlaywright(): Promise<typeof import("playwright-core")> {
+  const existsSync = fs.existsSync;
+  fs.existsSync =
+    ((p: fs.PathLike) =>
+      String(p) === "/proc/sys/fs/binfmt_misc/WSLInterop"
+        ? false
+        : existsSync(p)) as typeof fs.existsSync;
+  try {
+    return await import("playwright-core");
+  } finally {
+    fs.existsSync = existsSync;
+  }
+}
+
+const TOKEN = "page-test-token";
+const LISTEN_HZ = 440;
+const LISTEN_AMPLITUDE = 0.4;
+const TALK_HZ = 523;
+const TALK_AMPLITUDE = 0.5;
+const CAPTURE_SECONDS = 120;
+
+/** A mono 16-bit PCM WAV file of `samples` at `rate`. */
+function wav(samples: Int16Array, rate: number): Uint8Array {
+  const bytes = new Uint8Array(44 + samples.length * 2);
+  const v = new DataView(bytes.buffer);
+  const ascii = (at: number, s: string) => {
+    for (let i = 0; i < s.length; i++) v.setUint8(at + i, s.charCodeAt(i));
+  };
+  ascii(0, "RIFF");
+  v.setUint32(4, 36 + samples.length * 2, true);
+  ascii(8, "WAVE");
+  ascii(12, "fmt ");
+  v.setUint32(16, 16, true); // fmt chunk size
+  v.setUint16(20, 1, true); // PCM
+  v.setUint16(22, 1, true); // channels
+  v.setUint32(24, rate, true);
+  v.setUint32(28, rate * 2, true); // byte rate
+  v.setUint16(32, 2, true); // block align
+  v.setUint16(34, 16, true); // bits per sample
+  ascii(36, "data");
+  v.setUint32(40, samples.length * 2, true);
+  for (let i = 0; i < samples.length; i++) v.setInt16(44 + i * 2, samples[i]!, true);
+  return bytes;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** What `window.kvmAudio.stats()` returns (the parts the test reads). */
+interface AudioSummary {
+  samples: number;
+  rate: number;
+  rmsDb: number;
+  frequency: number | null;
+}
+interface PageStats {
+  listen: {
+    active: boolean;
+    connected: boolean;
+    hello: { preset: string; channels: number; frameMs: number; muted: boolean } | null;
+    packetsReceived: number;
+    packetsLost: number;
+    decodeErrors: number;
+    decodedFrames: number;
+    playout: { depthMs: number; targetMs: number; playing: boolean; underruns: number } | null;
+    decoded: AudioSummary;
+  };
+  talk: {
+    active: boolean;
+    connected: boolean;
+    hello: { preset: string; frameMs: number } | null;
+    packetsSent: number;
+    encodeErrors: number;
+    microphoneRate: number | null;
+    captureRate: number | null;
+    encoder: { sampleRate: number; opus: { frameDuration: number } } | null;
+    captured: AudioSummary;
+  };
+}
+
+/** The page's stats; with `analyse` also the dominant frequencies (costly for the page). */
+function stats(page: Page, analyse = false): Promise<PageStats> {
+  // deno-lint-ignore no-explicit-any
+  return page.evaluate((analyse) => (globalThis as any).kvmAudio.stats({ analyse }), analyse);
+}
+
+/** Polls the page's stats until `ok` holds; fails with the last stats after `timeoutMs`. */
+async function waitForStats(
+  page: Page,
+  what: string,
+  ok: (s: PageStats) => boolean,
+  timeoutMs = 30_000,
+): Promise<PageStats> {
+  const deadline = Date.now() + timeoutMs;
+  let s = await stats(page);
+  while (!ok(s)) {
+    if (Date.now() > deadline) {
+      throw new Error(`Timed out waiting for ${what}; last stats: ${JSON.stringify(s)}`);
+    }
+    await sleep(200);
+    s = await stats(page);
+  }
+  return s;
+}
+
+/** Console errors and uncaught exceptions of a page. */
+function collectErrors(page: Page): string[] {
+  const errors: string[] = [];
+  page.on("console", (m) => {
+    if (m.type() === "error") errors.push(`console: ${m.text()}`);
+  });
+  page.on("pageerror", (e) => errors.push(`pageerror: ${e.message}`));
+  return errors;
+}
+
+async function launch(dir: string, name: string, extra: string[] = []): Promise<BrowserContext> {
+  const { chromium } = await loadPlaywright();
+  return await chromium.launchPersistentContext(`${dir}/${name}-profile`, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: [...CHROMIUM_FLAGS, ...extra],
+    viewport: { width: 1200, height: 860 },
+  });
+}
+
+async function firstPage(context: BrowserContext): Promise<Page> {
+  return context.pages()[0] ?? await context.newPage();
+}
+
+async function loadPage(page: Page, base: string): Promise<void> {
+  await page.goto(`${base}/?token=${TOKEN}`);
+  // deno-lint-ignore no-explicit-any
+  await page.waitForFunction(() => (globalThis as any).kvmAudio?.ready === true);
+}
+
+/** The longest stretch of `x` whose 10 ms blocks are louder than `thresholdDb`. */
+function loudest(x: Float64Array, rate: number, thresholdDb = -40): Float64Array {
+  const block = rate / 100;
+  let best = [0, 0], start = -1;
+  for (let b = 0; b * block <= x.length; b++) {
+    const loud = (b + 1) * block <= x.length &&
+      rmsDb(x.subarray(b * block, (b + 1) * block)) > thresholdDb;
+    if (loud && start < 0) start = b;
+    if (!loud && start >= 0) {
+      if (b - start > best[1]! - best[0]!) best = [start, b];
+      start = -1;
+    }
+  }
+  return x.subarray(best[0]! * block, best[1]! * block);
+}
+
+Deno.test({
+  name: "operator page in headless Chromium",
+  ignore: !haveChromium,
+  // playwright keeps a child process and pipes open between steps.
+  sanitizeOps: false,
+  sanitizeResources: false,
+}, async (t) => {
+  await using dir = await tempDir("kvm-audio-browser-");
+  // The target's audio: a steady tone the service captures (stereo, paced by the clock).
+  const capture = `${dir.path}/capture.raw`;
+  await writeRaw(
+    capture,
+    tone({
+      freq: LISTEN_HZ,
+      channels: 2,
+      frames: 48000 * CAPTURE_SECONDS,
+      amplitude: LISTEN_AMPLITUDE,
+    }),
+  );
+  const playback = `${dir.path}/playback.raw`;
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_page_capture: { type: "file", infile: capture },
+    kvm_page_playback: { type: "file", outfile: playback },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  // The operator's microphone: Chromium's fake device plays this file (and loops it).
+  const micWav = `${dir.path}/mic.wav`;
+  await Deno.writeFile(
+    micWav,
+    wav(tone({ freq: TALK_HZ, frames: 48000 * 10, amplitude: TALK_AMPLITUDE }), 48000),
+  );
+
+  await using service = new AudioService({
+    capture: "kvm_page_capture",
+    playback: "kvm_page_playback",
+    outputPreset: "high",
+    microphonePreset: "high",
+    pace: "clock",
+    maxCaptureSamples: 48000 * CAPTURE_SECONDS,
+    metricsIntervalMs: 200,
+  });
+  service.start();
+  const shutdown = new AbortController();
+  const app = createApp(service, { token: TOKEN, signal: shutdown.signal });
+  // The page from routes/web.ts; answered by the app itself once createApp mounts it.
+  const web = webRoutes();
+  const handler = async (req: Request): Promise<Response> => {
+    const res = await app.fetch(req);
+    if (res.status !== 404) return res;
+    const page = await web.fetch(req);
+    return page.status === 404 ? res : page;
+  };
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, signal: shutdown.signal, onListen: () => {} },
+    handler,
+  );
+  const base = `http://127.0.0.1:${server.addr.port}`;
+
+  // Browser A: no fake UI, so a microphone request is refused.
+  const plain = await launch(dir.path, "plain", [
+    "--use-fake-device-for-media-stream",
+    `--use-file-for-fake-audio-capture=${micWav}`,
+  ]);
+  // Browser B: the fake microphone, permission granted.
+  const talking = await launch(dir.path, "talk", [
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    `--use-file-for-fake-audio-capture=${micWav}`,
+  ]);
+
+  try {
+    const page = await firstPage(plain);
+    const errors = collectErrors(page);
+
+    await t.step("the page loads without console errors and shows the service", async () => {
+      await loadPage(page, base);
+      const options = await page.locator("#output-preset option").allTextContents();
+      assert.equal(options.length, 4, options.join(" | "));
+      assert.ok(options[2]!.startsWith("high — 128 kb/s stereo, 20 ms"), options[2]);
+      assert.equal(await page.inputValue("#output-preset"), "high");
+      await page.locator("#connection", { hasText: "service reachable" }).waitFor();
+      // The metrics table fills from /api/metrics.
+      await page.locator("#stages td", { hasText: "Capture → encoded" }).waitFor();
+      assert.match(await page.textContent("#stages") ?? "", /Capture → encoded/);
+      assert.equal(await page.isDisabled("#listen"), false);
+      assert.equal(await page.isDisabled("#talk"), false);
+      assert.deepEqual(errors, []);
+    });
+
+    await t.step("listening: the page decodes the captured 440 Hz tone", async () => {
+      await page.click("#listen");
+      await waitForStats(
+        page,
+        "two seconds of decoded audio",
+        (s) => s.listen.decoded.samples >= 2 * 48000,
+      );
+      const s = await stats(page, true);
+      assert.equal(s.listen.connected, true);
+      assert.equal(s.listen.hello?.preset, "high");
+      assert.equal(s.listen.hello?.channels, 2);
+      assert.equal(s.listen.decodeErrors, 0);
+      const f = s.listen.decoded.frequency!;
+      assert.ok(Math.abs(f - LISTEN_HZ) / LISTEN_HZ < 0.01, `decoded ${f.toFixed(2)} Hz`);
+      const want = rmsDb(
+        channel(tone({ freq: LISTEN_HZ, frames: 48000, amplitude: LISTEN_AMPLITUDE }), 1),
+      );
+      const level = s.listen.decoded.rmsDb;
+      assert.ok(Math.abs(level - want) < 3, `level ${level.toFixed(2)} vs ${want.toFixed(2)} dBFS`);
+      // The playout worklet is playing what was decoded.
+      const p = await waitForStats(page, "the playout buffer", (s) => s.listen.playout !== null);
+      assert.ok(p.listen.playout!.targetMs >= 20, JSON.stringify(p.listen.playout));
+      assert.ok(p.listen.packetsReceived > 50);
+      assert.match(await page.textContent("#listen-packets") ?? "", /\d+ received/);
+      const meter = await page.$eval(
+        "#listen-meter",
+        (m) => (m as unknown as { value: number }).value,
+      );
+      assert.ok(meter > -30, `listen meter ${meter}`);
+    });
+
+    await t.step("choosing a preset on the page changes the stream", async () => {
+      await page.selectOption("#output-preset", "ultra");
+      const s = await waitForStats(
+        page,
+        "the ultra stream",
+        (s) => s.listen.hello?.preset === "ultra" && s.listen.hello.frameMs === 10,
+      );
+      assert.equal(service.outputPreset.name, "ultra");
+      const before = s.listen.decodedFrames;
+      await waitForStats(
+        page,
+        "a second of ultra audio",
+        (s) => s.listen.decodedFrames >= before + 48000,
+      );
+      const after = await stats(page, true);
+      const f = after.listen.decoded.frequency!;
+      assert.ok(Math.abs(f - LISTEN_HZ) / LISTEN_HZ < 0.01, `decoded ${f.toFixed(2)} Hz`);
+    });
+
+    await t.step("muting on the page stops the stream", async () => {
+      await page.check("#mute-output");
+      await waitForStats(page, "the muted hello", (s) => s.listen.hello?.muted === true);
+      assert.equal(service.muted, true);
+      const a = (await stats(page)).listen.packetsReceived;
+      await sleep(500);
+      const b = (await stats(page)).listen.packetsReceived;
+      assert.equal(b, a, "no packets while muted");
+      await page.uncheck("#mute-output");
+      await waitForStats(page, "packets again", (s) => s.listen.packetsReceived > b + 10);
+      assert.equal(service.muted, false);
+      await page.click("#listen"); // stop
+      assert.deepEqual(errors, [], "no console errors while listening");
+    });
+
+    await t.step("a refused microphone says so", async () => {
+      await page.click("#talk");
+      await page.waitForSelector(".notice[data-key=mic]");
+      const text = await page.textContent(".notice[data-key=mic]") ?? "";
+      assert.match(text, /microphone was refused/);
+      assert.equal((await stats(page)).talk.active, false);
+    });
+
+    await t.step("without WebCodecs the page says so", async () => {
+      const bare = await plain.newPage();
+      await bare.addInitScript(() => {
+        // deno-lint-ignore no-explicit-any
+        delete (globalThis as any).AudioDecoder;
+      });
+      await loadPage(bare, base);
+      const text = await bare.textContent(".notice[data-key=webcodecs]") ?? "";
+      assert.match(text, /lacks WebCodecs AudioDecoder/);
+      assert.match(text, /cannot listen/);
+      assert.equal(await bare.isDisabled("#listen"), true);
+      assert.equal(await bare.isDisabled("#talk"), false, "talking needs only the encoder");
+      await bare.close();
+    });
+
+    const tp = await firstPage(talking);
+    const talkErrors = collectErrors(tp);
+
+    await t.step("talking: the fake microphone's 523 Hz reaches the playback device", async () => {
+      await loadPage(tp, base);
+      // Chromium's echo canceller, noise suppressor and gain control reshape a steady tone
+      // (level swings of 20 dB, gaps): judge the transport with them off.
+      await tp.uncheck("#voice-processing");
+      await tp.click("#talk");
+      await waitForStats(tp, "three seconds of talk packets", (s) => s.talk.packetsSent >= 150);
+      const s = await stats(tp, true);
+      assert.equal(s.talk.hello?.preset, "high");
+      assert.equal(s.talk.encodeErrors, 0);
+      assert.equal(s.talk.captureRate, 48000, "captured through a 48 kHz context");
+      assert.equal(s.talk.microphoneRate, 44100, "Chromium's fake microphone runs at 44.1 kHz");
+      assert.equal(s.talk.encoder?.sampleRate, 48000);
+      assert.equal(s.talk.encoder?.opus.frameDuration, 20_000);
+      const captured = s.talk.captured.frequency!;
+      assert.ok(Math.abs(captured - TALK_HZ) / TALK_HZ < 0.01, `captured ${captured} Hz`);
+
+      // The service plays it: wait for 2.5 s of sound in the playback file.
+      let heard: Float64Array = new Float64Array(0);
+      const deadline = Date.now() + 30_000;
+      while (heard.length < 48000 * 2.5) {
+        assert.ok(Date.now() < deadline, `only ${heard.length / 48000} s of sound played`);
+        await sleep(250);
+        heard = loudest(channel(await readRaw(playback), 2), 48000);
+      }
+      const mid = heard.subarray(9600);
+      const f = dominantFrequency(mid, 48000);
+      assert.ok(Math.abs(f - TALK_HZ) / TALK_HZ < 0.01, `played ${f.toFixed(2)} Hz`);
+      const level = rmsDb(mid);
+      const want = rmsDb(
+        channel(tone({ freq: TALK_HZ, frames: 48000, amplitude: TALK_AMPLITUDE }), 1),
+      );
+      assert.ok(
+        Math.abs(level - want) < 3,
+        `played at ${level.toFixed(2)} vs ${want.toFixed(2)} dBFS`,
+      );
+      const json = service.metrics.toJSON();
+      const received = json.counters["kvm_audio_input_packets_received_total"] as Record<
+        string,
+        number
+      >;
+      const viaWs = Object.entries(received).find(([k]) => k.includes("websocket"))?.[1] ?? 0;
+      const sent = (await stats(tp)).talk.packetsSent;
+      assert.ok(viaWs >= s.talk.packetsSent && viaWs <= sent, `received ${viaWs} of ${sent}`);
+    });
+
+    await t.step(
+      "choosing the microphone preset on the page re-configures its encoder",
+      async () => {
+        await tp.selectOption("#mic-preset", "ultra");
+        const u = await waitForStats(
+          tp,
+          "10 ms talk frames",
+          (s) => s.talk.hello?.preset === "ultra" && s.talk.encoder?.opus.frameDuration === 10_000,
+        );
+        assert.equal(service.microphonePreset.name, "ultra");
+        assert.equal(u.talk.encoder?.sampleRate, 48000);
+        await waitForStats(
+          tp,
+          "ultra packets",
+          (s) => s.talk.packetsSent >= u.talk.packetsSent + 100,
+        );
+        assert.equal((await stats(tp)).talk.encodeErrors, 0);
+        // Listen too, for a screenshot with both directions busy.
+        await tp.click("#listen");
+        await waitForStats(tp, "listening", (s) => s.listen.decodedFrames >= 48000);
+        await sleep(1200); // one more metrics refresh
+        await tp.screenshot({ path: "/tmp/kvm-audio-page.png", fullPage: true });
+        await tp.click("#talk"); // stop
+        await tp.click("#listen");
+        assert.deepEqual(talkErrors, []);
+      },
+    );
+  } finally {
+    await plain.close();
+    await talking.close();
+    shutdown.abort();
+    await server.finished;
+  }
+});
