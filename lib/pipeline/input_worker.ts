@@ -122,7 +122,7 @@ function run(init: InputInit): void {
       quality: 5,
     });
     const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
-    const pacer = init.pace === "clock" ? new ClockPacer((frame / 48000) * 1000) : null;
+    const pacer = init.pace === "clock" ? new ClockPacer() : null;
     let xruns = pcm.xruns;
     let endedIdle = 0;
 
@@ -134,7 +134,7 @@ function run(init: InputInit): void {
 
       // Wait until the device has room for a frame (or the clock says one is due).
       const need = Math.round((pcm.rate * frame) / 48000);
-      if (pacer) pacer.wait(ctl);
+      if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
       else if (pcm.avail() < need) {
         pcm.wait(100);
         continue;

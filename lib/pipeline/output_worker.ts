@@ -166,7 +166,8 @@ function run(init: OutputInit): void {
     const acc = new Int16Array((2880 + resBuf.length / devCh + period) * devCh);
     let accFrames = 0;
     const enc = new Int16Array(2880 * 2);
-    const pacer = init.pace === "clock" ? new ClockPacer((period / pcm.rate) * 1000) : null;
+    const pacer = init.pace === "clock" ? new ClockPacer() : null;
+    const periodMs = (period / pcm.rate) * 1000;
     let xruns = pcm.xruns;
     pcm.start();
 
@@ -176,7 +177,7 @@ function run(init: OutputInit): void {
       if (ctl.get(CONTROL.generation) !== generation) applyPreset();
       poster.tick(performance.now());
 
-      if (pacer) pacer.wait(ctl);
+      if (pacer) pacer.wait(ctl, periodMs);
       else if (!pcm.wait(100)) continue;
       const n = pcm.readi(capBuf, period);
       if (pcm.xruns !== xruns) {

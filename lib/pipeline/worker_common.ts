@@ -136,16 +136,14 @@ export class MetricsPoster {
 
 /**
  * Paces a loop by the wall clock for unpaced devices: {@link wait} returns once the next period
- * is due (beating meanwhile). Catches up without bursts after a long stall.
+ * is due (beating meanwhile). The period may change from one call to the next (a new frame
+ * duration). Catches up without bursts after a long stall.
  */
 export class ClockPacer {
-  #due: number;
-  constructor(readonly periodMs: number) {
-    this.#due = performance.now();
-  }
+  #due = performance.now();
 
-  wait(ctl: WorkerControl): void {
-    this.#due += this.periodMs;
+  wait(ctl: WorkerControl, periodMs: number): void {
+    this.#due += periodMs;
     const now = performance.now();
     if (this.#due < now - 100) this.#due = now; // fell far behind: resynchronise
     const left = this.#due - now;
