@@ -18,6 +18,7 @@
  * @module
  */
 
+import { type RtpOutInfo, sdpRoutes } from "./sdp.ts";
 import { mountWeb } from "./web.ts";
 import { Hono } from "hono";
 import type { AudioService } from "../lib/service.ts";
@@ -58,6 +59,8 @@ export interface AppOptions {
   readonly hub?: HubOptions;
   /** When aborted, every WebSocket (listeners, talker) is closed with 1001 and new ones refused. */
   readonly signal?: AbortSignal;
+  /** The RTP sender (`--rtp-out`), for `GET /api/audio/sdp`. */
+  readonly rtpOut?: RtpOutInfo;
 }
 
 /**
@@ -98,6 +101,7 @@ export function createApp(service: AudioService, opts: AppOptions = {}): Hono<Ap
     ...presetRoutes(),
     ...metricsRoutes(deps),
     ...healthRoutes(deps),
+    ...sdpRoutes(service, opts.rtpOut),
   ];
   routes.push(...openApiRoutes(() => routes, { auth }));
 

@@ -1,0 +1,109 @@
+/**
+ * kvm-audio: flags/env → {@link AudioService} → Hono app on `Deno.serve`.
+ *
+ * Run `deno task start --help` for the flags. The API binds to 127.0.0.1:8080 unless told
+ * otherwise; any other address requires a token. A missing audio device leaves the API up: the
+ * pipeline reports `waiting-for-device` and retries with backoff.
+ *
+ * @module
+ */
+
+import { configureSync, getConsoleSink, getLogger } from "@logtape/logtape";
+import { ConfigError, helpText, parseConfig } from "./lib/config.ts";
+import { AudioService } from "./lib/service.ts";
+import { runStartupCheck } from "./lib/startup_check.ts";
+import { RtpReceiver, RtpSender } from "./lib/transport/rtp.ts";
+import { createApp } from "./routes/app.ts";
+
+/** Runs the service until SIGINT/SIGTERM. Returns the exit code. */
+export async function main(args: readonly string[]): Promise<number> {
+  let config;
+  try {
+    config = parseConfig(args);
+  } catch (e) {
+    if (e instanceof ConfigError) {
+      console.error(`kvm-audio: ${e.message}`);
+      return 2;
+    }
+    throw e;
+  }
+  if (config.help) {
+    console.log(helpText());
+    return 0;
+  }
+  configureSync({
+    sinks: { console: getConsoleSink() },
+    loggers: [
+      { category: ["kvm-audio"], lowestLevel: config.logLevel, sinks: ["console"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: ["console"] },
+    ],
+  });
+  const log = getLogger(["kvm-audio", "main"]);
+
+  const check = runStartupCheck(config);
+  if (config.check) {
+    console.log(check.report);
+    return check.ok ? 0 : 1;
+  }
+  for (const line of check.report.split("\n")) log.info(line);
+  if (!check.ok) {
+    log.error("Cannot start: {reason}", { reason: check.fatal });
+    return 1;
+  }
+
+  if (config.stateFile) {
+    const dir = config.stateFile.replace(/\/[^/]*$/, "");
+    if (dir) Deno.mkdirSync(dir, { recursive: true });
+  }
+  const service = new AudioService({
+    capture: config.capture,
+    playback: config.playback,
+    captureRate: config.captureRate,
+    captureChannels: config.captureChannels,
+    playbackRate: config.playbackRate,
+    playbackChannels: config.playbackChannels,
+    outputPreset: config.outputPreset,
+    microphonePreset: config.microphonePreset,
+    pace: config.pace,
+    ...(config.stateFile ? { stateFile: config.stateFile } : {}),
+  });
+  service.start();
+
+  const sender = config.rtpOut.length === 0 ? null : await RtpSender.open(service, {
+    destinations: config.rtpOut,
+    payloadType: config.rtpPayloadType,
+  });
+  const receiver = config.rtpIn === null ? null : await RtpReceiver.listen(service, {
+    port: config.rtpIn,
+    host: config.listen.hostname,
+    payloadType: config.rtpPayloadType,
+  });
+
+  const ac = new AbortController();
+  const app = createApp(service, {
+    signal: ac.signal,
+    ...(config.token ? { token: config.token } : {}),
+    ...(sender ? { rtpOut: sender } : {}),
+  });
+  const server = Deno.serve({
+    hostname: config.listen.hostname,
+    port: config.listen.port,
+    signal: ac.signal,
+    onListen: ({ hostname, port }) =>
+      log.info("API listening on http://{hostname}:{port}", { hostname, port }),
+  }, app.fetch);
+
+  const stop = new Promise<void>((resolve) => {
+    for (const sig of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(sig, () => resolve());
+  });
+  await stop;
+  log.info("Stopping");
+  ac.abort();
+  await server.finished;
+  await sender?.close();
+  await receiver?.close();
+  await service.close();
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,119 @@
+import assert from "node:assert/strict";
+import { ConfigError, FLAGS, helpText, parseConfig, parseListen } from "../lib/config.ts";
+import { runStartupCheck } from "../lib/startup_check.ts";
+
+const noEnv = () => undefined;
+
+Deno.test("defaults bind to loopback and use the high presets", () => {
+  const c = parseConfig([], (k) => (k === "HOME" ? "/home/op" : undefined));
+  assert.deepEqual(c.listen, { hostname: "127.0.0.1", port: 8080 });
+  assert.equal(c.outputPreset, "high");
+  assert.equal(c.microphonePreset, "high");
+  assert.equal(c.capture, "default");
+  assert.equal(c.token, null);
+  assert.equal(c.stateFile, "/home/op/.local/state/kvm-audio/state.json");
+  assert.deepEqual(c.rtpOut, []);
+});
+
+Deno.test("every flag has an environment twin, and the flag wins over it", () => {
+  for (const f of FLAGS) assert.match(f.env, /^KVM_AUDIO_[A-Z_]+$/);
+  const env = (k: string) =>
+    ({ KVM_AUDIO_CAPTURE: "hw:0,0", KVM_AUDIO_OUTPUT_PRESET: "low", KVM_AUDIO_NO_MIC: "1" })[k];
+  const c = parseConfig(["--output-preset", "ultra"], env);
+  assert.equal(c.capture, "hw:0,0");
+  assert.equal(c.outputPreset, "ultra");
+  assert.equal(c.playback, null);
+  assert.deepEqual(
+    parseConfig(
+      [],
+      (k) => (k === "KVM_AUDIO_RTP_OUT" ? "127.0.0.1:5004, 127.0.0.1:5006" : undefined),
+    )
+      .rtpOut,
+    ["127.0.0.1:5004", "127.0.0.1:5006"],
+  );
+  assert.deepEqual(
+    parseConfig(["--rtp-out", "127.0.0.1:5004", "--rtp-out", "[::1]:5006"], noEnv).rtpOut,
+    ["127.0.0.1:5004", "[::1]:5006"],
+  );
+  assert.match(helpText(), /--capture VALUE[\s\S]*env KVM_AUDIO_CAPTURE/);
+});
+
+Deno.test("bad flags are errors naming the flag and the allowed values", () => {
+  assert.throws(
+    () => parseConfig(["--output-preset", "loud"], noEnv),
+    /--output-preset.*"loud".*low, medium, high, ultra/,
+  );
+  assert.throws(
+    () => parseConfig(["--listen", "nowhere"], noEnv),
+    /Invalid --listen "nowhere": expected HOST:PORT/,
+  );
+  assert.throws(() => parseConfig(["--listen", "127.0.0.1:99999"], noEnv), /0 to 65535/);
+  assert.throws(() => parseConfig(["--capture-rate", "44.1"], noEnv), /--capture-rate/);
+  assert.throws(() => parseConfig(["--pace", "fast"], noEnv), /expected one of device, clock/);
+  assert.throws(() => parseConfig(["--bogus"], noEnv), ConfigError);
+  assert.throws(
+    () => parseConfig([], (k) => (k === "KVM_AUDIO_NO_MIC" ? "yes" : undefined)),
+    /KVM_AUDIO_NO_MIC/,
+  );
+  assert.throws(() => parseConfig(["--rtp-out", "host"], noEnv), /--rtp-out/);
+});
+
+Deno.test("listening off loopback requires a token", () => {
+  assert.throws(() => parseConfig(["--listen", "0.0.0.0:8080"], noEnv), /without a token/);
+  const c = parseConfig(["--listen", "0.0.0.0:8080", "--token", "s3cret"], noEnv);
+  assert.equal(c.token, "s3cret");
+  assert.deepEqual(parseListen("[::1]:80"), { hostname: "::1", port: 80 });
+  parseConfig(["--listen", "localhost:1"], noEnv);
+});
+
+Deno.test("the start-up check reports libraries and a missing device without failing", () => {
+  const r = runStartupCheck({
+    capture: "hw:97,0",
+    playback: null,
+    captureRate: 48000,
+    captureChannels: 2,
+    playbackRate: 48000,
+    playbackChannels: 2,
+  });
+  assert.equal(r.ok, true);
+  assert.match(r.report, /libopus: libopus 1\./);
+  assert.match(r.report, /libasound: alsa-lib 1\./);
+  assert.match(r.report, /capture: "hw:97,0" unavailable/);
+  assert.match(r.report, /playback: disabled/);
+});
+
+Deno.test("the start-up check says why it cannot start when libopus is missing", async () => {
+  const cmd = new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-ffi",
+      "--allow-read",
+      "--allow-env",
+      "--allow-sys",
+      "main.ts",
+      "--check",
+      "--no-output",
+      "--no-mic",
+    ],
+    env: { KVM_AUDIO_LIBOPUS: "/nonexistent/libopus.so.0" },
+    cwd: new URL("..", import.meta.url).pathname,
+    stdout: "piped",
+    stderr: "piped",
+  });
+  const out = await cmd.output();
+  const text = new TextDecoder().decode(out.stdout);
+  assert.equal(out.code, 1);
+  assert.match(text, /libopus: NOT LOADED.*\/nonexistent\/libopus\.so\.0.*KVM_AUDIO_LIBOPUS/);
+});
+
+Deno.test("the deployment environment file documents every setting", async () => {
+  const text = await Deno.readTextFile(new URL("../deploy/kvm-audio.env", import.meta.url));
+  for (const f of FLAGS) {
+    if (f.flag === "help" || f.flag === "check" || f.flag === "pace") continue;
+    assert.match(text, new RegExp(`^#?${f.env}=`, "m"), `${f.env} is in deploy/kvm-audio.env`);
+  }
+  const unit = await Deno.readTextFile(new URL("../deploy/kvm-audio.service", import.meta.url));
+  assert.match(unit, /EnvironmentFile=\/etc\/kvm-audio\/kvm-audio\.env/);
+  assert.match(unit, /Restart=always/);
+  assert.match(unit, /StateDirectory=kvm-audio/);
+});
