@@ -3,7 +3,8 @@
  * against a baseline measured in the same run; `--json` prints one JSON object per line
  * (`{"name","value","unit","baseline","ratio"}`) so figures can be compared over time.
  *
- * Names select benchmarks: opus, ring (default: all).
+ * Names select benchmarks: opus, ring, engine (default: all). `KVM_AUDIO_BENCH_QUICK=1` shortens
+ * the engine runs.
  *
  * @module
  */
@@ -11,10 +12,12 @@
 import { type BenchResult, report } from "./bench/report.ts";
 import { benchOpusCodec } from "./bench/opus_codec.ts";
 import { benchRingHop } from "./bench/ring_hop.ts";
+import { benchEngine } from "./bench/engine.ts";
 
 const BENCHES: Record<string, () => Promise<BenchResult[]>> = {
   opus: () => benchOpusCodec(),
   ring: () => benchRingHop(),
+  engine: () => benchEngine({ quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1" }),
 };
 
 const args = Deno.args.filter((a) => a !== "--json");

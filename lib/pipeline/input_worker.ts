@@ -28,6 +28,12 @@ import { ClockPacer, MetricsPoster, openWithRetry, post, WorkerControl } from ".
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
+/** Brings a counter up to a total the playout buffer keeps. */
+function syncCounter(c: { value(): number; inc(n: number): void }, total: number): void {
+  const have = c.value();
+  if (total > have) c.inc(total - have);
+}
+
 function run(init: InputInit): void {
   const ctl = new WorkerControl(init);
   const ring = FrameRing.attach(init.ring);
@@ -210,8 +216,10 @@ function run(init: InputInit): void {
       m.depth.set(s.depth);
       m.target.set(s.targetDepth);
       m.jitter.set(s.jitterMs);
-      const drops = m.driftDrops.value();
-      if (drops !== s.driftDrops) m.driftDrops.inc(s.driftDrops - drops);
+      m.buffered.set(s.buffered);
+      syncCounter(m.driftDrops, s.driftDrops);
+      syncCounter(m.overflowDrops, s.overflowDrops);
+      syncCounter(m.flushed, s.flushed);
     }
     return false;
   }

@@ -66,6 +66,15 @@ export function inputMetrics(r: Registry) {
       "kvm_audio_input_drift_drops_total",
       "Packets dropped to follow a sender faster than the device",
     ),
+    overflowDrops: r.counter(
+      "kvm_audio_input_overflow_drops_total",
+      "Packets dropped because the playout buffer went past its maximum depth",
+    ),
+    flushed: r.counter(
+      "kvm_audio_input_flushed_total",
+      "Packets discarded by a resync to a restarted sender",
+    ),
+    buffered: r.gauge("kvm_audio_playout_buffered_packets", "Packets held by the playout buffer"),
     xruns: r.counter("kvm_audio_input_xruns_total", "Playback underruns recovered"),
     depth: r.gauge("kvm_audio_playout_depth_frames", "Frames buffered ahead of the playout point"),
     target: r.gauge("kvm_audio_playout_target_frames", "Target playout depth, frames"),

@@ -1,0 +1,683 @@
+/**
+ * The engine benchmarks (issue 3): what the two pipelines cost beyond the codec, against
+ * GStreamer, how much latency each stage adds, and whether memory stays flat. Every figure is a
+ * {@link BenchResult} against a baseline measured in the same run; goals are printed, not
+ * asserted.
+ *
+ * 1. **Codec floor.** The same frames — a 60 s stereo tone-plus-noise signal at the ultra output
+ *    preset, and its left channel pre-encoded at the ultra microphone preset — through
+ *    `opus_encode` and `opus_decode` (a stereo decoder, as the input worker uses) in one tight
+ *    loop through `ffi/opus.ts` on one thread: the median of three timed passes after a warm-up
+ *    pass, process CPU time. Against it, in a child process ({@link ./engine_service.ts}):
+ *    - both pipelines at ultra: the output pipeline capturing the signal from an *unpaced* file
+ *      PCM (flat out) and the input pipeline playing the microphone packets into a file PCM
+ *      *paced by the clock*, the packets pushed through `pushMicrophonePacket` in real time. The
+ *      input worker cannot run unpaced: its playout buffer schedules by arrival time, and flat out
+ *      it would spin through silence and concealment between pushes. `pace` is one option for
+ *      the whole service, so the two pipelines are two `AudioService`s in one process. CPU is
+ *      the whole process's over a window holding 60 s of audio through each pipeline, opened once
+ *      both workers are loaded (worker start-up is outside it);
+ *    - the output pipeline alone, unpaced, against the encode part of the floor.
+ * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
+ *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
+ *    `RtpSender` back into its own `RtpReceiver`, playout, decode, playback — against
+ *    `alsasrc ! audioconvert ! opusenc ! rtpopuspay ! udpsink` plus
+ *    `udpsrc ! rtpjitterbuffer ! rtpopusdepay ! opusdec ! audioconvert ! alsasink` on the same
+ *    PCMs, with the encoder set as ultra is (192 kb/s, complexity 10, 10 ms frames, unconstrained
+ *    VBR, restricted low delay, full band). Both sides do the same work: encode one stereo
+ *    stream, send it to themselves, decode it, play it. CPU of each process from
+ *    `/proc/<pid>/stat` over the same length of window after the same warm-up; PulseAudio's own
+ *    process is counted for neither.
+ * 3. **Stage-added latency**, p50 and p99 of `kvm_audio_stage_latency_ms{stage}` over the paced
+ *    run's window (bucket interpolation, as the service's own estimate), against the frame
+ *    duration (ratio = latency ÷ 10 ms). `received_to_played` includes the playout buffer's
+ *    deliberate depth and the device queue; the mean depth is printed too.
+ * 4. **RSS** of a child running both pipelines unpaced, after 10⁶ frames through each against
+ *    after 10⁴ (see {@link ./engine_service.ts} for how the input is fed flat out). The count
+ *    reached is in the name.
+ *
+ * Standalone: `deno run -A scripts/bench/engine.ts [--json] [--quick] [--figure cpu|paced|soak]…`
+ * (or the narrower flags of
+ * `deno task bench`). `--quick` shortens every run (15 s, 10 s, 10⁵ frames).
+ *
+ * @module
+ */
+
+import { OPUS_MAX_PACKET, OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
+import { encoderSettings, frameSamples, OUTPUT_PRESETS } from "../../lib/quality.ts";
+import { writeRaw } from "../../tests/alsa_devices.ts";
+import { startPulse } from "../../tests/pulse.ts";
+import {
+  benchSignal,
+  type ChildConfig,
+  type ChildLine,
+  type CpuRunReport,
+  intervalQuantiles,
+  microphonePackets,
+  type PacedRunReport,
+  procCpuSeconds,
+  processCpuSeconds,
+  type SoakRunReport,
+  stageHistogram,
+  writePackets,
+} from "./engine_common.ts";
+import { type BenchResult, report, result } from "./report.ts";
+
+/** Knobs of {@link benchEngine}. */
+export interface EngineOptions {
+  /** Shorter runs everywhere: 15 s, 10 s and 10⁵ frames (unless set below). */
+  readonly quick?: boolean;
+  /** Seconds of audio per direction for figure 1 (default 60; quick 15). */
+  readonly cpuSeconds?: number;
+  /** Measured window of the paced runs, seconds (default 30; quick 10). */
+  readonly pacedSeconds?: number;
+  /** Warm-up of the paced runs before the window, seconds (default 4). */
+  readonly pacedWarmupSeconds?: number;
+  /** Frames through each pipeline for figure 4 (default 10⁶; quick 10⁵). */
+  readonly soakFrames?: number;
+  /** Longest the soak may run, seconds (default 300; quick 60). */
+  readonly soakTimeoutSeconds?: number;
+  /** Which figures to run (default all). */
+  readonly figures?: readonly EngineFigure[];
+  /** Progress and notes (default: stderr). */
+  readonly log?: (line: string) => void;
+}
+
+/** The figure groups of {@link benchEngine}. */
+export type EngineFigure = "cpu" | "paced" | "soak";
+
+const ROOT = new URL("../../", import.meta.url).pathname;
+const CHILD = new URL("./engine_service.ts", import.meta.url).pathname;
+const CHILD_FLAGS = [
+  "--no-prompt",
+  "--allow-ffi",
+  "--allow-read",
+  "--allow-write",
+  "--allow-env",
+  "--allow-run",
+  "--allow-net=127.0.0.1",
+];
+const ULTRA = OUTPUT_PRESETS.ultra;
+const FRAME_MS = ULTRA.frameMs;
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
+
+function checkPositive(what: string, v: unknown, max: number): number {
+  if (typeof v !== "number" || !Number.isFinite(v)) {
+    throw new TypeError(`Invalid ${what} ${JSON.stringify(v) ?? String(v)}: expected a number`);
+  }
+  if (v <= 0 || v > max) {
+    throw new RangeError(`Invalid ${what} ${v}: expected above 0, at most ${max}`);
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figure 1's floor.
+
+interface Floor {
+  /** CPU seconds of encoding every frame (median of the passes). */
+  readonly encode: number;
+  /** CPU seconds of decoding every packet. */
+  readonly decode: number;
+}
+
+/** Encodes `signal` at ultra and decodes `packets` in one loop each; CPU seconds per pass. */
+function codecFloor(signal: Int16Array, packets: readonly Uint8Array[], passes = 3): Floor {
+  const fs = frameSamples(ULTRA);
+  const frames = Math.floor(signal.length / 2 / fs);
+  const inputs = Array.from(
+    { length: frames },
+    (_, i) => signal.subarray(i * fs * 2, (i + 1) * fs * 2),
+  );
+  const packetOut = new Uint8Array(OPUS_MAX_PACKET);
+  const pcmOut = new Int16Array(2880 * 2);
+  const encodePass = (n: number): number => {
+    using enc = OpusEncoder.create(
+      { channels: ULTRA.channels, application: ULTRA.application },
+      encoderSettings(ULTRA),
+    );
+    const c0 = processCpuSeconds();
+    for (let i = 0; i < n; i++) enc.encode(inputs[i]!, fs, packetOut);
+    return processCpuSeconds() - c0;
+  };
+  const decodePass = (n: number): number => {
+    using dec = OpusDecoder.create({ channels: 2 });
+    const c0 = processCpuSeconds();
+    for (let i = 0; i < n; i++) dec.decode(packets[i]!, pcmOut, 2880);
+    return processCpuSeconds() - c0;
+  };
+  // Warm-up: the JIT compiles both loops before any pass counts.
+  encodePass(Math.min(frames, 500));
+  decodePass(Math.min(packets.length, 500));
+  const enc: number[] = [], dec: number[] = [];
+  for (let p = 0; p < passes; p++) {
+    enc.push(encodePass(frames));
+    dec.push(decodePass(packets.length));
+  }
+  const median = (xs: number[]) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  return { encode: median(enc), decode: median(dec) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The child process.
+
+/** Reads newline-terminated lines from a byte stream. */
+class Lines {
+  readonly #reader: ReadableStreamDefaultReader<string>;
+  #buffer = "";
+
+  constructor(stream: ReadableStream<Uint8Array>) {
+    this.#reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  }
+
+  async next(): Promise<string | undefined> {
+    for (;;) {
+      const nl = this.#buffer.indexOf("\n");
+      if (nl >= 0) {
+        const line = this.#buffer.slice(0, nl);
+        this.#buffer = this.#buffer.slice(nl + 1);
+        return line;
+      }
+      const { value, done } = await this.#reader.read();
+      if (done) return undefined;
+      this.#buffer += value;
+    }
+  }
+
+  async cancel(): Promise<void> {
+    await this.#reader.cancel().catch(() => {});
+  }
+}
+
+/** A running {@link ./engine_service.ts}. */
+class Child implements AsyncDisposable {
+  readonly #process: Deno.ChildProcess;
+  readonly #lines: Lines;
+  readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
+  readonly #stderr: Promise<string>;
+  readonly #mode: string;
+
+  constructor(config: ChildConfig, env: Record<string, string> = {}, v8Flags: string[] = []) {
+    this.#mode = config.mode;
+    this.#process = new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        ...CHILD_FLAGS,
+        ...(v8Flags.length > 0 ? [`--v8-flags=${v8Flags.join(",")}`] : []),
+        CHILD,
+        JSON.stringify(config),
+      ],
+      cwd: ROOT,
+      env,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#lines = new Lines(this.#process.stdout);
+    this.#stdin = this.#process.stdin.getWriter();
+    this.#stderr = new Response(this.#process.stderr).text();
+  }
+
+  get pid(): number {
+    return this.#process.pid;
+  }
+
+  /** The next line the child prints (its stdout carries nothing else). */
+  async line(): Promise<ChildLine> {
+    const line = await this.#lines.next();
+    if (line === undefined) {
+      const status = await this.#process.status;
+      const err = (await this.#stderr).split("\n").filter((l) => !l.startsWith("ALSA lib"));
+      throw new Error(
+        `Engine benchmark child (${this.#mode}) ended with code ${status.code} before reporting: ${
+          err.join("\n").trim().slice(-2000)
+        }`,
+      );
+    }
+    return JSON.parse(line) as ChildLine;
+  }
+
+  /** Waits for a line of `event`. */
+  async expect<E extends ChildLine["event"]>(
+    event: E,
+  ): Promise<Extract<ChildLine, { event: E }>> {
+    for (;;) {
+      const l = await this.line();
+      if (l.event === event) return l as Extract<ChildLine, { event: E }>;
+    }
+  }
+
+  async send(line: string): Promise<void> {
+    await this.#stdin.write(new TextEncoder().encode(`${line}\n`));
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.#stdin.close().catch(() => {});
+    const timer = setTimeout(() => {
+      try {
+        this.#process.kill("SIGKILL");
+      } catch {
+        // Gone already.
+      }
+    }, 10_000);
+    await this.#process.status;
+    clearTimeout(timer);
+    await this.#lines.cancel();
+    await this.#stderr.catch(() => "");
+  }
+}
+
+async function childReport<R>(config: ChildConfig, v8Flags: string[] = []): Promise<R> {
+  await using child = new Child(config, {}, v8Flags);
+  return (await child.expect("report")).report as R;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GStreamer.
+
+/** A UDP port nobody on this host has bound (per /proc/net/udp), from the dynamic range. */
+async function freeUdpPort(): Promise<number> {
+  const used = new Set<number>();
+  for (const file of ["/proc/net/udp", "/proc/net/udp6"]) {
+    let text = "";
+    try {
+      text = await Deno.readTextFile(file);
+    } catch {
+      const out = await new Deno.Command("cat", { args: [file], stdout: "piped", stderr: "null" })
+        .output();
+      text = new TextDecoder().decode(out.stdout);
+    }
+    for (const line of text.split("\n").slice(1)) {
+      const local = line.trim().split(/\s+/)[1];
+      const port = local?.split(":")[1];
+      if (port) used.add(parseInt(port, 16));
+    }
+  }
+  for (;;) {
+    const p = 20000 + Math.floor(Math.random() * 30000);
+    if (!used.has(p)) return p;
+  }
+}
+
+/** The two gst-launch command lines (sender, receiver) of figure 2. */
+function gstPipelines(capture: string, playback: string, port: number): string[][] {
+  const raw = "audio/x-raw,format=S16LE,rate=48000,channels=2";
+  const rtp = "application/x-rtp,media=audio,clock-rate=48000,encoding-name=OPUS,payload=96";
+  return [
+    [
+      "-q",
+      "alsasrc",
+      `device=${capture}`,
+      "!",
+      raw,
+      "!",
+      "audioconvert",
+      "!",
+      "opusenc",
+      `bitrate=${ULTRA.bitrate}`,
+      `complexity=${ULTRA.complexity}`,
+      `frame-size=${ULTRA.frameMs}`,
+      "bitrate-type=vbr",
+      "audio-type=restricted-lowdelay",
+      "bandwidth=fullband",
+      "!",
+      "rtpopuspay",
+      "pt=96",
+      "!",
+      "udpsink",
+      "host=127.0.0.1",
+      `port=${port}`,
+    ],
+    [
+      "-q",
+      "udpsrc",
+      "address=127.0.0.1",
+      `port=${port}`,
+      `caps=${rtp}`,
+      "!",
+      "rtpjitterbuffer",
+      "!",
+      "rtpopusdepay",
+      "!",
+      "opusdec",
+      "!",
+      "audioconvert",
+      "!",
+      raw,
+      "!",
+      "alsasink",
+      `device=${playback}`,
+    ],
+  ];
+}
+
+/** Stops a child by its own process id: SIGINT, then SIGKILL after 5 s. */
+async function stopProcess(p: Deno.ChildProcess): Promise<void> {
+  const signal = (s: Deno.Signal) => {
+    try {
+      p.kill(s);
+    } catch {
+      // Gone already.
+    }
+  };
+  signal("SIGINT");
+  const timer = setTimeout(() => signal("SIGKILL"), 5000);
+  await p.status;
+  clearTimeout(timer);
+}
+
+/** Streams PulseAudio has: playback into sinks and recordings from sources. */
+async function pulseStreams(server: string): Promise<{ playing: number; recording: number }> {
+  const count = async (what: string) => {
+    const out = await new Deno.Command("pactl", {
+      args: [`--server=${server}`, "list", "short", what],
+      stdout: "piped",
+      stderr: "null",
+    }).output();
+    return new TextDecoder().decode(out.stdout).split("\n").filter((l) => l.trim()).length;
+  };
+  return { playing: await count("sink-inputs"), recording: await count("source-outputs") };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures.
+
+async function figureCpu(
+  seconds: number,
+  dir: string,
+  log: (line: string) => void,
+): Promise<BenchResult[]> {
+  log(`engine: test signal and microphone packets (${seconds} s)…`);
+  const signal = benchSignal(seconds);
+  const packets = microphonePackets(signal);
+  const capture = `${dir}/capture.raw`, packetFile = `${dir}/microphone.bin`;
+  await writeRaw(capture, signal);
+  await writePackets(packetFile, packets);
+
+  log("engine: codec floor (encode + decode in one loop)…");
+  const floor = codecFloor(signal, packets);
+  const perMin = (cpu: number) => (cpu / seconds) * 60;
+
+  log(`engine: both pipelines, ${seconds} s of audio each…`);
+  const both = await childReport<CpuRunReport>({
+    mode: "cpu",
+    capture,
+    packets: packetFile,
+    seconds,
+    warmupSeconds: 2,
+    input: true,
+  });
+  log("engine: output pipeline alone, unpaced…");
+  const alone = await childReport<CpuRunReport>({
+    mode: "cpu",
+    capture,
+    packets: packetFile,
+    seconds,
+    warmupSeconds: 0,
+    input: false,
+  });
+  const frames = (seconds * 1000) / FRAME_MS;
+  const threads = Object.entries(both.threads).filter(([, v]) => v > 0)
+    .map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ");
+  log(
+    `engine: floor encode ${floor.encode.toFixed(3)} + decode ${floor.decode.toFixed(3)} CPU-s; ` +
+      `both pipelines ${both.cpuSeconds.toFixed(3)} CPU-s over ${both.wallSeconds.toFixed(1)} s ` +
+      `(threads: ${threads}); output handed ${both.outputFrames}/${frames} frames ` +
+      `(${both.outputDropped} dropped) in ${both.outputSeconds.toFixed(2)} s; input pushed ` +
+      `${both.inputPushed}, decoded ${both.inputDecoded}, concealed ${both.inputConcealed}, ` +
+      `played ${both.inputPlayed}; output alone ${alone.cpuSeconds.toFixed(3)} CPU-s ` +
+      `(${alone.outputFrames} frames, ${alone.outputDropped} dropped)`,
+  );
+  return [
+    result(
+      `engine CPU/audio-min, both pipelines ultra (out unpaced, in clock-paced) vs codec floor`,
+      perMin(both.cpuSeconds),
+      "CPU-s/audio-min",
+      perMin(floor.encode + floor.decode),
+      "ratio <= 1.15",
+    ),
+    result(
+      `engine CPU/audio-min, output pipeline ultra alone (unpaced) vs encode floor`,
+      perMin(alone.cpuSeconds),
+      "CPU-s/audio-min",
+      perMin(floor.encode),
+      "ratio <= 1.15",
+    ),
+  ];
+}
+
+async function figurePaced(
+  seconds: number,
+  warmup: number,
+  log: (line: string) => void,
+): Promise<BenchResult[]> {
+  log("engine: private PulseAudio…");
+  await using pulse = await startPulse({ toneHz: 440 });
+  const env = pulse.env;
+  const capture = pulse.pcm.tone, playback = pulse.pcm.playback;
+
+  // Ours.
+  log(`engine: our service on PulseAudio, ${warmup} s warm-up + ${seconds} s…`);
+  let ours: number, oursStreams: { playing: number; recording: number };
+  let paced: PacedRunReport;
+  {
+    await using child = new Child({ mode: "paced", capture, playback }, env);
+    await child.expect("started");
+    await sleep(warmup * 1000);
+    const c0 = await procCpuSeconds(child.pid);
+    await child.send("mark");
+    await child.expect("marked");
+    await sleep(seconds * 500);
+    oursStreams = await pulseStreams(pulse.server);
+    await sleep(seconds * 500);
+    const c1 = await procCpuSeconds(child.pid);
+    await child.send("mark");
+    ours = c1 - c0;
+    paced = (await child.expect("report")).report as PacedRunReport;
+  }
+
+  // GStreamer.
+  log(`engine: GStreamer on PulseAudio, ${warmup} s warm-up + ${seconds} s…`);
+  const port = await freeUdpPort();
+  const procs = gstPipelines(capture, playback, port).map((args) =>
+    new Deno.Command("gst-launch-1.0", {
+      args,
+      env,
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn()
+  );
+  let gst: number, gstStreams: { playing: number; recording: number };
+  const errors = procs.map((p) => new Response(p.stderr).text());
+  try {
+    await sleep(warmup * 1000);
+    const c0 = await Promise.all(procs.map((p) => procCpuSeconds(p.pid)));
+    await sleep(seconds * 500);
+    gstStreams = await pulseStreams(pulse.server);
+    await sleep(seconds * 500);
+    const c1 = await Promise.all(procs.map((p) => procCpuSeconds(p.pid)));
+    gst = c1.reduce((a, c, i) => a + c - c0[i]!, 0);
+  } catch (e) {
+    await Promise.all(procs.map((p) => stopProcess(p)));
+    const text = (await Promise.all(errors)).join("\n");
+    throw new Error(`GStreamer did not run: ${text.trim() || (e as Error).message}`, { cause: e });
+  }
+  await Promise.all(procs.map((p) => stopProcess(p)));
+  await Promise.all(errors);
+
+  for (const [who, s] of [["our service", oursStreams], ["GStreamer", gstStreams]] as const) {
+    if (s.playing < 1 || s.recording < 1) {
+      throw new Error(
+        `${who} was not streaming during its window: PulseAudio saw ${s.playing} playback and ${s.recording} recording streams, expected at least one of each`,
+      );
+    }
+  }
+
+  // What our pipelines did in the window, from the service's own counters.
+  const [m0, m1] = [paced.marks[0]!.metrics, paced.marks[1]!.metrics];
+  const mean = (xs: readonly number[]) => xs.reduce((a, b) => a + b, 0) / Math.max(1, xs.length);
+  const depth = mean(paced.depthSamples), target = mean(paced.targetSamples);
+  const counters = Object.keys(m1.counters)
+    .filter((n) => n.startsWith("kvm_audio_input_") || n.startsWith("kvm_audio_output_"))
+    .map((n) => {
+      const v1 = m1.counters[n]!, v0 = m0.counters[n];
+      if (typeof v1 === "number") return `${n.slice(10)} ${v1 - ((v0 as number) ?? 0)}`;
+      const parts = Object.entries(v1).map(([k, v]) =>
+        `${k} ${v - ((v0 as Record<string, number> | undefined)?.[k] ?? 0)}`
+      );
+      return `${n.slice(10)} {${parts.join(", ")}}`;
+    });
+  log(
+    `engine: paced window ${seconds} s (${(seconds * 1000) / FRAME_MS} frames): ours ${
+      ours.toFixed(2)
+    } CPU-s, GStreamer ${gst.toFixed(2)} CPU-s (2 processes); playout depth mean ${
+      depth.toFixed(2)
+    } frames, target ${target.toFixed(2)}; our counters over the window: ${counters.join("; ")}`,
+  );
+
+  const out: BenchResult[] = [
+    result(
+      `paced CPU/audio-min, both pipelines ultra vs GStreamer (PulseAudio, ${seconds} s)`,
+      (ours / seconds) * 60,
+      "CPU-s/audio-min",
+      (gst / seconds) * 60,
+      "ratio <= 0.5",
+    ),
+  ];
+  for (const stage of ["capture_to_encoded", "encoded_to_handed", "received_to_played"]) {
+    const after = stageHistogram(m1, stage);
+    const q = after ? intervalQuantiles(stageHistogram(m0, stage), after) : null;
+    if (q === null) {
+      throw new Error(`No ${stage} latency was observed in the paced window`);
+    }
+    out.push(
+      result(`stage latency p50 ${stage} (paced, vs frame)`, q.p50, "ms", FRAME_MS),
+      result(
+        `stage latency p99 ${stage} (paced, vs frame)`,
+        q.p99,
+        "ms",
+        FRAME_MS,
+        "p99 <= 1 ms (ratio <= 0.1)",
+      ),
+    );
+  }
+  out.push(
+    result(
+      "playout depth mean (part of received_to_played, vs frame)",
+      depth * FRAME_MS,
+      "ms",
+      FRAME_MS,
+    ),
+  );
+  return out;
+}
+
+async function figureSoak(
+  frames: number,
+  timeoutSeconds: number,
+  dir: string,
+  log: (line: string) => void,
+): Promise<BenchResult[]> {
+  const capture = `${dir}/soak.raw`, packetFile = `${dir}/soak-microphone.bin`;
+  const signal = benchSignal(10);
+  await writeRaw(capture, signal);
+  await writePackets(packetFile, microphonePackets(signal));
+  const first = 10_000;
+  // 10⁴, 3·10⁴, 10⁵, 3·10⁵, … up to the count: the log shows whether growth levels off.
+  const checkpoints = [first];
+  for (let c = first * 3, k = 0; c < frames; c *= k++ % 2 === 0 ? 10 / 3 : 3) {
+    checkpoints.push(Math.round(c));
+  }
+  if (frames > first) checkpoints.push(frames);
+  log(`engine: soak, ${frames} frames through each pipeline (at most ${timeoutSeconds} s)…`);
+  const soak = await childReport<SoakRunReport>({
+    mode: "soak",
+    capture,
+    packets: packetFile,
+    checkpoints,
+    timeoutSeconds,
+  }, ["--expose-gc"]);
+  const mb = (b: number) => b / 2 ** 20;
+  log(
+    `engine: soak ${soak.completed ? "completed" : "timed out"}: ${
+      soak.checkpoints.map((c) =>
+        `${c.outputFrames} out / ${c.inputDecoded} in (${c.inputPlayed} played) after ${
+          c.seconds.toFixed(0)
+        } s: RSS ${mb(c.rss).toFixed(1)} MB, heap ${mb(c.heapUsed).toFixed(1)} MB`
+      ).join("; ")
+    }; at the end (${
+      soak.seconds.toFixed(0)
+    } s) ${soak.outputFrames} out / ${soak.inputDecoded} in (${soak.inputPlayed} played); pushed ${soak.pushed}, input ring drops ${soak.inputRingDrops}, output ring drops ${soak.outputRingDrops}`,
+  );
+  const a = soak.checkpoints[0], b = soak.checkpoints[soak.checkpoints.length - 1];
+  if (a === undefined || b === undefined) {
+    throw new Error(`The soak reached no checkpoint in ${timeoutSeconds} s`);
+  }
+  const reached = Math.min(b.outputFrames, b.inputDecoded);
+  return [
+    result(
+      `RSS after ${reached.toExponential(1)} frames vs after ${
+        first.toExponential(0)
+      } (both pipelines, unpaced)`,
+      mb(b.rss),
+      "MB",
+      mb(a.rss),
+      "ratio ≈ 1 (flat)",
+    ),
+  ];
+}
+
+/**
+ * Runs the engine benchmarks (see the module notes). Needs `pulseaudio`, `pactl` and
+ * `gst-launch-1.0` (with the ALSA, Opus and RTP plugins) for the paced figures; spawns Deno
+ * children, so it needs `--allow-run`.
+ */
+export async function benchEngine(opts: EngineOptions = {}): Promise<BenchResult[]> {
+  const quick = opts.quick === true;
+  const cpuSeconds = checkPositive("CPU run length", opts.cpuSeconds ?? (quick ? 15 : 60), 3600);
+  const pacedSeconds = checkPositive(
+    "paced window",
+    opts.pacedSeconds ?? (quick ? 10 : 30),
+    3600,
+  );
+  const warmup = checkPositive("paced warm-up", opts.pacedWarmupSeconds ?? 4, 600);
+  const soakFrames = Math.round(
+    checkPositive("soak frame count", opts.soakFrames ?? (quick ? 100_000 : 1_000_000), 1e8),
+  );
+  const soakTimeout = checkPositive(
+    "soak time limit",
+    opts.soakTimeoutSeconds ?? (quick ? 60 : 300),
+    86400,
+  );
+  const figures = new Set(opts.figures ?? ["cpu", "paced", "soak"]);
+  for (const f of figures) {
+    if (f !== "cpu" && f !== "paced" && f !== "soak") {
+      throw new RangeError(`Invalid figure ${JSON.stringify(f)}: expected cpu, paced or soak`);
+    }
+  }
+  const log = opts.log ?? ((line: string) => console.error(line));
+
+  const dir = await Deno.makeTempDir({ prefix: "kvm-audio-bench-engine-" });
+  try {
+    const out: BenchResult[] = [];
+    if (figures.has("cpu")) out.push(...await figureCpu(cpuSeconds, dir, log));
+    if (figures.has("paced")) out.push(...await figurePaced(pacedSeconds, warmup, log));
+    if (figures.has("soak")) out.push(...await figureSoak(soakFrames, soakTimeout, dir, log));
+    return out;
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+if (import.meta.main) {
+  const figures = Deno.args.flatMap((a, i) =>
+    Deno.args[i - 1] === "--figure" ? [a as EngineFigure] : []
+  );
+  const options: EngineOptions = {
+    quick: Deno.args.includes("--quick"),
+    ...(figures.length > 0 ? { figures } : {}),
+  };
+  report(await benchEngine(options), Deno.args.includes("--json"));
+}

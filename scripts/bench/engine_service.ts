@@ -1,0 +1,394 @@
+/**
+ * The child process of the engine benchmark ({@link ./engine.ts}): runs one {@link AudioService}
+ * the way a figure needs it and reports on stdout, one JSON object per line ({@link ChildLine}),
+ * so that the parent can measure this process from outside (`/proc/<pid>/stat`) and nothing of
+ * the parent (its test signal, its floor loop, GStreamer's pipes) is counted in it.
+ *
+ * `deno run --allow-ffi --allow-read --allow-write --allow-env --allow-run --allow-net=127.0.0.1
+ * scripts/bench/engine_service.ts '<config JSON>'` with a {@link ChildConfig} (`--allow-run`: Deno
+ * reads /proc only with `--allow-all`, so thread times are read by `cat`):
+ * - `cpu` — figure 1: output pipeline on an unpaced file PCM (flat out), input pipeline on a file
+ *   PCM paced by the clock, microphone packets pushed in real time; reports its own CPU over a
+ *   window that starts once both workers are loaded (see {@link cpuRun}).
+ * - `paced` — figures 2 and 3: both pipelines on paced devices (PulseAudio through the ALSA
+ *   configuration in the environment), output frames sent as RTP to 127.0.0.1 and received back
+ *   into the microphone pipeline. Prints `started`; every `mark` line on stdin takes a metrics
+ *   reading; the second one ends the run with a report.
+ * - `soak` — figure 4: both pipelines on unpaced file PCMs for many frames; reports RSS at
+ *   checkpoints.
+ *
+ * @module
+ */
+
+import { AudioService } from "../../lib/service.ts";
+import { RtpReceiver, RtpSender } from "../../lib/transport/rtp.ts";
+import { frameSamples, MICROPHONE_PRESETS } from "../../lib/quality.ts";
+import { type AlsaConfig, useAlsaConfig, writeAlsaConfig } from "../../tests/alsa_devices.ts";
+import { tempDir } from "../../tests/audio_util.ts";
+import {
+  type ChildConfig,
+  type ChildLine,
+  counterLabelled,
+  counterTotal,
+  type CpuRunConfig,
+  type CpuRunReport,
+  type PacedMark,
+  type PacedRunConfig,
+  type PacedRunReport,
+  processCpuSeconds,
+  readPackets,
+  type SoakCheckpoint,
+  type SoakRunConfig,
+  type SoakRunReport,
+  threadCpuSeconds,
+} from "./engine_common.ts";
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
+
+const DECODED = "kvm_audio_input_packets_decoded_total";
+const PLAYED = "kvm_audio_input_frames_played_total";
+const CONCEALED = "kvm_audio_input_frames_concealed_total";
+const DROPPED = "kvm_audio_frames_dropped_total";
+
+function say(line: ChildLine): void {
+  console.log(JSON.stringify(line));
+}
+
+/** Waits until `done()` holds, checking every `everyMs`; throws after `timeoutMs`. */
+async function until(what: string, done: () => boolean, timeoutMs: number, everyMs = 20) {
+  const end = performance.now() + timeoutMs;
+  while (!done()) {
+    if (performance.now() > end) {
+      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
+    }
+    await sleep(everyMs);
+  }
+}
+
+/**
+ * Pushes microphone packets into a service at the pace of their media time (one 10 ms packet
+ * every 10 ms, scheduled against the start so timer lateness does not accumulate), as a network
+ * client's packets would arrive.
+ */
+class RealTimePusher {
+  pushed = 0;
+  #stopped = false;
+  readonly #done: Promise<void>;
+
+  constructor(
+    readonly service: AudioService,
+    readonly packets: readonly Uint8Array[],
+    readonly frame: number,
+  ) {
+    this.#done = this.#run();
+  }
+
+  async #run(): Promise<void> {
+    const periodMs = (this.frame / 48000) * 1000;
+    const t0 = performance.now();
+    while (!this.#stopped) {
+      const due = Math.floor((performance.now() - t0) / periodMs) + 1;
+      while (this.pushed < due) this.#push();
+      await sleep(t0 + this.pushed * periodMs - performance.now());
+    }
+  }
+
+  #push(): void {
+    const k = this.pushed++;
+    const p = this.packets[k % this.packets.length]!;
+    this.service.pushMicrophonePacket(p, k & 0xffff, (k * this.frame) >>> 0, "local");
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    await this.#done;
+  }
+}
+
+/**
+ * Figure 1. The output pipeline's capture PCM is missing at first: its worker loads, fails to
+ * open it and waits to retry. The window opens (CPU read) when the input pipeline has played
+ * `warmupSeconds`; the capture PCM then appears (a new ALSA configuration), the output worker
+ * opens it at its next retry and encodes `seconds` of audio flat out; the window closes when the
+ * input pipeline has been fed `seconds` of packets since it opened. Worker start-up is thus
+ * outside the window, and the window holds `seconds` of audio through each pipeline.
+ */
+async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
+  await using dir = await tempDir("kvm-bench-engine-");
+  const playback = { kvm_bench_playback: { type: "file", outfile: "/dev/null" } } as const;
+  const before = await writeAlsaConfig(dir.path, playback);
+  const after = await writeAlsaConfig(dir.path, {
+    ...playback,
+    kvm_bench_capture: { type: "file", infile: cfg.capture },
+  });
+  const packets = await readPackets(cfg.packets);
+  const frame = frameSamples(MICROPHONE_PRESETS.ultra);
+  const windowPackets = Math.round((cfg.seconds * 48000) / frame);
+
+  const alsa = { current: useAlsaConfig(before) };
+  const input = cfg.input
+    ? new AudioService({
+      capture: null,
+      playback: "kvm_bench_playback",
+      microphonePreset: "ultra",
+      pace: "clock",
+    })
+    : null;
+  const output = new AudioService({
+    capture: "kvm_bench_capture",
+    playback: null,
+    outputPreset: "ultra",
+    maxCaptureSamples: cfg.seconds * 48000,
+  });
+  let handed = 0;
+  output.subscribe(() => handed++);
+  let pusher: RealTimePusher | null = null;
+  try {
+    input?.start();
+    output.start();
+    if (input) {
+      await until("the input pipeline to run", () => input.microphoneStatus().running, 15_000);
+      pusher = new RealTimePusher(input, packets, frame);
+    }
+    await until("the output worker to miss its device", () => {
+      return output.outputStatus().lastDeviceError !== null;
+    }, 15_000);
+    const warmupPackets = (cfg.warmupSeconds * 48000) / frame;
+    await until(
+      "the warm-up",
+      () => (pusher?.pushed ?? Infinity) >= warmupPackets,
+      cfg.warmupSeconds * 1000 + 15_000,
+    );
+
+    const in0 = input?.metrics.toJSON();
+    const k0 = pusher?.pushed ?? 0;
+    const threads0 = await threadCpuSeconds();
+    const cpu0 = processCpuSeconds();
+    const t0 = performance.now();
+    alsa.current[Symbol.dispose]();
+    alsa.current = useAlsaConfig(after);
+    let outputEnd = NaN;
+    await until(
+      "the window to close",
+      () => {
+        if (Number.isNaN(outputEnd) && output.outputStatus().supervisor?.lastExit === "ended") {
+          outputEnd = performance.now();
+        }
+        return (pusher?.pushed ?? Infinity) >= k0 + windowPackets && !Number.isNaN(outputEnd);
+      },
+      cfg.seconds * 1000 + 30_000,
+      2,
+    );
+    const cpu1 = processCpuSeconds();
+    const t1 = performance.now();
+    const threads1 = await threadCpuSeconds();
+    const pushed = (pusher?.pushed ?? k0) - k0;
+    const in1 = input?.metrics.toJSON();
+    const out1 = output.metrics.toJSON();
+    const delta = (name: string) =>
+      in0 && in1 ? counterTotal(in1, name) - counterTotal(in0, name) : 0;
+
+    const threads: Record<string, number> = {};
+    let alive = 0;
+    for (const [tid, t] of threads1) {
+      const d = t.cpu - (threads0.get(tid)?.cpu ?? 0);
+      alive += d;
+      const group = tid === Deno.pid ? "main" : t.name.replace(/[- ]?\d+$|-w$/, "");
+      threads[group] = (threads[group] ?? 0) + d;
+    }
+    threads["exited"] = Math.max(0, cpu1 - cpu0 - alive);
+    return {
+      mode: "cpu",
+      cpuSeconds: cpu1 - cpu0,
+      wallSeconds: (t1 - t0) / 1000,
+      outputFrames: handed,
+      outputDropped: counterTotal(out1, DROPPED),
+      outputSeconds: (outputEnd - t0) / 1000,
+      inputPushed: pushed,
+      inputDecoded: delta(DECODED),
+      inputConcealed: delta(CONCEALED),
+      inputPlayed: delta(PLAYED),
+      threads,
+    };
+  } finally {
+    await pusher?.stop();
+    await Promise.all([input?.close(), output.close()]);
+    alsa.current[Symbol.dispose]();
+  }
+}
+
+/** Reads lines from stdin. */
+async function* stdinLines(): AsyncGenerator<string> {
+  let buffer = "";
+  for await (const chunk of Deno.stdin.readable.pipeThrough(new TextDecoderStream())) {
+    buffer += chunk;
+    for (let nl = buffer.indexOf("\n"); nl >= 0; nl = buffer.indexOf("\n")) {
+      yield buffer.slice(0, nl);
+      buffer = buffer.slice(nl + 1);
+    }
+  }
+}
+
+/** Figures 2 and 3 (see the module notes). */
+async function pacedRun(cfg: PacedRunConfig): Promise<PacedRunReport> {
+  const service = new AudioService({
+    capture: cfg.capture,
+    playback: cfg.playback,
+    outputPreset: "ultra",
+    microphonePreset: "ultra",
+  });
+  const receiver = await RtpReceiver.listen(service, { port: 0 });
+  const sender = await RtpSender.open(service, { destinations: [`127.0.0.1:${receiver.port}`] });
+  const marks: PacedMark[] = [];
+  const depthSamples: number[] = [];
+  const targetSamples: number[] = [];
+  let sampler: ReturnType<typeof setInterval> | undefined;
+  try {
+    service.start();
+    say({ event: "started" });
+    for await (const line of stdinLines()) {
+      if (line.trim() !== "mark") continue;
+      marks.push({ at: Date.now(), metrics: service.metrics.toJSON() });
+      say({ event: "marked", index: marks.length - 1 });
+      if (marks.length === 1) {
+        sampler = setInterval(() => {
+          const g = service.metrics.toJSON().gauges;
+          const d = g["kvm_audio_playout_depth_frames"], t = g["kvm_audio_playout_target_frames"];
+          if (typeof d === "number") depthSamples.push(d);
+          if (typeof t === "number") targetSamples.push(t);
+        }, 100);
+      } else break;
+    }
+  } finally {
+    clearInterval(sampler);
+    await sender.close();
+    await receiver.close();
+    await service.close();
+  }
+  return {
+    mode: "paced",
+    marks,
+    depthSamples,
+    targetSamples,
+    frameMs: MICROPHONE_PRESETS.ultra.frameMs,
+  };
+}
+
+/**
+ * Figure 4. Both pipelines run flat out on file PCMs. The capture file is short: past its end the
+ * `file` plugin leaves the read buffer as it was, so the last period repeats (no end is set: the
+ * main thread may drop output frames when it falls behind, and only frames handed over count).
+ *
+ * The input worker, unpaced, plays one frame per loop turn however fast packets come — silence
+ * while its playout buffer fills, concealment when it runs dry — and cannot be flow-controlled
+ * from outside (the main thread does not see how far it got). The main thread therefore pushes a
+ * burst of {@link SOAK_BURST} packets per timer turn (about 2.4 ms in Deno), no more than the
+ * buffer holds (its depth is fixed to 8–16 frames), and sleeps in between so that it does not
+ * take the worker's core. Most of each burst is decoded (a worker descheduled for a few
+ * milliseconds lets the ring drop some); the worker spins through silence until the next.
+ * Decoded packets are what counts. (A busy-looping pusher, or bursts near the buffer's
+ * capacity, starve or overflow the buffer and little is decoded.)
+ */
+async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
+  await using dir = await tempDir("kvm-bench-engine-");
+  const alsa: AlsaConfig = await writeAlsaConfig(dir.path, {
+    kvm_bench_capture: { type: "file", infile: cfg.capture },
+    kvm_bench_playback: { type: "file", outfile: "/dev/null" },
+  });
+  using _alsa = useAlsaConfig(alsa);
+  const packets = await readPackets(cfg.packets);
+  const frame = frameSamples(MICROPHONE_PRESETS.ultra);
+  const service = new AudioService({
+    capture: "kvm_bench_capture",
+    playback: "kvm_bench_playback",
+    outputPreset: "ultra",
+    microphonePreset: "ultra",
+    metricsIntervalMs: 100,
+    // A fixed, deep target: packets come in bursts, far faster than real time.
+    minDepth: SOAK_BURST / 2,
+    maxDepth: SOAK_BURST,
+  });
+  let handed = 0;
+  service.subscribe(() => handed++);
+  const gc = (globalThis as { gc?: () => void }).gc;
+  const checkpoints: SoakCheckpoint[] = [];
+  const t0 = performance.now();
+  let pushed = 0;
+  let json = service.metrics.toJSON();
+  try {
+    service.start();
+    await until("the input pipeline to run", () => service.microphoneStatus().running, 15_000);
+    const deadline = t0 + cfg.timeoutSeconds * 1000;
+    let next = 0;
+    let nextCheck = 0;
+    while (next < cfg.checkpoints.length && performance.now() < deadline) {
+      for (let i = 0; i < SOAK_BURST; i++, pushed++) {
+        const p = packets[pushed % packets.length]!;
+        service.pushMicrophonePacket(p, pushed & 0xffff, (pushed * frame) >>> 0, "local");
+      }
+      await sleep(1);
+      const now = performance.now();
+      if (now < nextCheck) continue;
+      nextCheck = now + 20;
+      json = service.metrics.toJSON();
+      const decoded = counterTotal(json, DECODED);
+      const target = cfg.checkpoints[next]!;
+      if (handed >= target && decoded >= target) {
+        gc?.();
+        const mem = Deno.memoryUsage();
+        checkpoints.push({
+          outputFrames: handed,
+          inputDecoded: decoded,
+          inputPlayed: counterTotal(json, PLAYED),
+          rss: mem.rss,
+          heapUsed: mem.heapUsed,
+          seconds: (performance.now() - t0) / 1000,
+        });
+        next++;
+      }
+    }
+    json = service.metrics.toJSON();
+    return {
+      mode: "soak",
+      checkpoints,
+      completed: next === cfg.checkpoints.length,
+      outputFrames: handed,
+      inputDecoded: counterTotal(json, DECODED),
+      inputPlayed: counterTotal(json, PLAYED),
+      seconds: (performance.now() - t0) / 1000,
+      pushed,
+      inputRingDrops: counterLabelled(json, DROPPED, `reason="input_ring_full"`),
+      outputRingDrops: counterLabelled(json, DROPPED, `reason="ring_full"`),
+    };
+  } finally {
+    await service.close();
+  }
+}
+
+/** Microphone packets pushed per timer turn in the soak. */
+const SOAK_BURST = 16;
+
+if (import.meta.main) {
+  const arg = Deno.args[0];
+  if (arg === undefined) {
+    console.error("Usage: engine_service.ts '<config JSON>'");
+    Deno.exit(2);
+  }
+  const cfg = JSON.parse(arg) as ChildConfig;
+  const report = cfg.mode === "cpu"
+    ? await cpuRun(cfg)
+    : cfg.mode === "paced"
+    ? await pacedRun(cfg)
+    : cfg.mode === "soak"
+    ? await soakRun(cfg)
+    : (() => {
+      throw new RangeError(
+        `Invalid mode ${
+          JSON.stringify((cfg as { mode: unknown }).mode)
+        }: expected cpu, paced or soak`,
+      );
+    })();
+  say({ event: "report", report });
+  // Workers and sockets are closed; leave without waiting for stray timers.
+  Deno.exit(0);
+}
