@@ -608,9 +608,11 @@ export class FrameRing {
 
   /**
    * Like {@link FrameRing.waitForData} without blocking the thread (`Atomics.waitAsync`), for the
-   * main thread. Holds a timer while waiting so the event loop stays alive.
+   * main thread. Holds a timer while waiting so the event loop stays alive — unless
+   * `holdEventLoop` is false, for a caller that keeps the loop alive itself (one long-lived timer
+   * instead of one per wait: the service's frame pump waits a hundred times a second).
    */
-  async waitForDataAsync(timeoutMs = Infinity): Promise<WaitResult> {
+  async waitForDataAsync(timeoutMs = Infinity, holdEventLoop = true): Promise<WaitResult> {
     checkTimeout(timeoutMs);
     const h = this.#h;
     const deadline = performance.now() + timeoutMs;
@@ -626,7 +628,9 @@ export class FrameRing {
         continue;
       }
       const waiting = Atomics.waitAsync(h, H_WRITE_SEQ, w, left);
-      if (waiting.async) await withTimer(waiting.value, left);
+      if (!waiting.async) continue;
+      if (holdEventLoop) await withTimer(waiting.value, left);
+      else await waiting.value;
     }
   }
 

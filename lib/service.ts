@@ -522,9 +522,12 @@ export class AudioService implements AsyncDisposable {
       }
       handed.observe(epochMs() - slot.t[1]!);
     };
+    // One long-lived timer keeps the event loop alive while the pump waits (instead of one timer
+    // per wait, a hundred times a second).
+    const keepAlive = setInterval(() => {}, 60_000);
     this.#pump = (async () => {
       while (!this.#closed) {
-        const r = await ring.waitForDataAsync(200);
+        const r = await ring.waitForDataAsync(200, false);
         for (let s = ring.claim(); s !== null; s = ring.claim()) deliver(s);
         const d = ring.dropped;
         if (d !== lastDropped) {
@@ -533,6 +536,7 @@ export class AudioService implements AsyncDisposable {
         }
         if (r === "ended") break;
       }
+      clearInterval(keepAlive);
       this.#pumping = false;
     })();
   }
