@@ -3,8 +3,9 @@
  * against a baseline measured in the same run; `--json` prints one JSON object per line
  * (`{"name","value","unit","baseline","ratio"}`) so figures can be compared over time.
  *
- * Names select benchmarks: opus, ring, engine (default: all). `KVM_AUDIO_BENCH_QUICK=1` shortens
- * the engine runs.
+ * Names select benchmarks: opus, ring, engine, footprint (default: all). `KVM_AUDIO_BENCH_QUICK=1`
+ * shortens the engine and footprint runs; `KVM_AUDIO_BENCH_ARM64=1` adds the footprint figures
+ * under emulated aarch64 (after `deno task test:arm64` installed it).
  *
  * @module
  */
@@ -13,11 +14,17 @@ import { type BenchResult, report } from "./bench/report.ts";
 import { benchOpusCodec } from "./bench/opus_codec.ts";
 import { benchRingHop } from "./bench/ring_hop.ts";
 import { benchEngine } from "./bench/engine.ts";
+import { benchFootprint } from "./bench/footprint.ts";
 
 const BENCHES: Record<string, () => Promise<BenchResult[]>> = {
   opus: () => benchOpusCodec(),
   ring: () => benchRingHop(),
   engine: () => benchEngine({ quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1" }),
+  footprint: () =>
+    benchFootprint({
+      quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1",
+      arm64: Deno.env.get("KVM_AUDIO_BENCH_ARM64") === "1",
+    }),
 };
 
 const args = Deno.args.filter((a) => a !== "--json");

@@ -103,8 +103,15 @@ for (const ppm of [300, -300]) {
       if (typeof g === "number") depths.push(g);
       await sleep(5);
     }
-    await sleep(500);
-    const json = service.metrics.toJSON();
+    // Let the worker take the last packets and report (it posts metrics every 100 ms; a loaded
+    // machine may delay it).
+    let json = service.metrics.toJSON();
+    for (let i = 0; i < 60; i++) {
+      await sleep(100);
+      json = service.metrics.toJSON();
+      const taken = counter(json, "kvm_audio_input_packets_total");
+      if (i >= 5 && taken === counter(json, "kvm_audio_input_packets_received_total")) break;
+    }
     await service.close();
 
     // The depth stayed within the buffer's bounds (1..8 frames, +1 transient before a drop).

@@ -24,7 +24,7 @@ import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
 import { CONTROL, epochMs, type InputInit } from "./messages.ts";
 import { inputMetrics } from "./pipeline_metrics.ts";
-import { ClockPacer, MetricsPoster, openWithRetry, post, WorkerControl } from "./worker_common.ts";
+import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
@@ -63,37 +63,18 @@ function run(init: InputInit): void {
   const plcDrift = m.concealed.labels({ reason: "drift" });
 
   try {
-    while (!ctl.stopRequested) {
-      ctl.state = "starting";
+    const opts = () => {
       const period = Math.round((init.deviceRate * frame) / 48000);
-      const pcm = openWithRetry(ctl, init.device, {
-        stream: "playback",
+      return {
+        stream: "playback" as const,
         channels: init.deviceChannels,
         rate: init.deviceRate,
         periodFrames: period,
         bufferFrames: period * 3,
-      });
-      if (pcm === null) break;
-      ctl.holdPcm(pcm);
-      try {
-        post({
-          type: "ready",
-          device: {
-            name: pcm.name,
-            rate: pcm.rate,
-            channels: pcm.channels,
-            periodFrames: pcm.periodFrames,
-            bufferFrames: pcm.bufferFrames,
-          },
-        });
-        ctl.state = "running";
-        if (play(pcm)) {
-          post({ type: "ended", snapshot: registry.snapshot() });
-          return;
-        }
-      } finally {
-        ctl.releasePcm(pcm);
-      }
+      };
+    };
+    if (runDevice(ctl, init.device, opts, play)) {
+      post({ type: "ended", snapshot: registry.snapshot() });
     }
   } finally {
     decoder.close();

@@ -33,7 +33,7 @@ import {
   PRESET_NAMES,
 } from "../quality.ts";
 import { CONTROL, epochMs, FrameFlag, type OutputInit } from "./messages.ts";
-import { ClockPacer, MetricsPoster, openWithRetry, post, WorkerControl } from "./worker_common.ts";
+import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
 import { outputMetrics } from "./pipeline_metrics.ts";
 
 /** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
@@ -109,38 +109,16 @@ function run(init: OutputInit): void {
   };
 
   try {
-    while (!ctl.stopRequested) {
-      ctl.state = "starting";
-      const pcm = openWithRetry(ctl, init.device, {
-        stream: "capture",
-        channels: init.deviceChannels,
-        rate: init.deviceRate,
-        periodFrames: Math.round(init.deviceRate / 100),
-        bufferFrames: Math.round(init.deviceRate / 100) * 8,
-      });
-      if (pcm === null) break;
-      ctl.holdPcm(pcm);
-      try {
-        post({
-          type: "ready",
-          device: {
-            name: pcm.name,
-            rate: pcm.rate,
-            channels: pcm.channels,
-            periodFrames: pcm.periodFrames,
-            bufferFrames: pcm.bufferFrames,
-          },
-        });
-        ctl.state = "running";
-        const ended = capture(pcm);
-        if (ended) {
-          ring.end();
-          post({ type: "ended", snapshot: registry.snapshot() });
-          return;
-        }
-      } finally {
-        ctl.releasePcm(pcm);
-      }
+    const opts = () => ({
+      stream: "capture" as const,
+      channels: init.deviceChannels,
+      rate: init.deviceRate,
+      periodFrames: Math.round(init.deviceRate / 100),
+      bufferFrames: Math.round(init.deviceRate / 100) * 8,
+    });
+    if (runDevice(ctl, init.device, opts, capture)) {
+      ring.end();
+      post({ type: "ended", snapshot: registry.snapshot() });
     }
   } finally {
     encoder.close();

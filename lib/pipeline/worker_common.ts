@@ -116,6 +116,43 @@ export function openWithRetry(
   }
 }
 
+/**
+ * The device life cycle both workers share: open `device` (retrying while it is missing or
+ * busy), report what it gave, run `body` on it, release it — and again if `body` returns false
+ * without a stop request (e.g. after the device was lost), until stopped. Returns true when
+ * `body` reported the end of a finite input.
+ */
+export function runDevice(
+  ctl: WorkerControl,
+  device: string,
+  options: () => PcmOptions,
+  body: (pcm: Pcm) => boolean,
+): boolean {
+  while (!ctl.stopRequested) {
+    ctl.state = "starting";
+    const pcm = openWithRetry(ctl, device, options());
+    if (pcm === null) break;
+    ctl.holdPcm(pcm);
+    try {
+      post({
+        type: "ready",
+        device: {
+          name: pcm.name,
+          rate: pcm.rate,
+          channels: pcm.channels,
+          periodFrames: pcm.periodFrames,
+          bufferFrames: pcm.bufferFrames,
+        },
+      });
+      ctl.state = "running";
+      if (body(pcm)) return true;
+    } finally {
+      ctl.releasePcm(pcm);
+    }
+  }
+  return false;
+}
+
 /** Posts a metrics snapshot every `intervalMs`. */
 export class MetricsPoster {
   #next = 0;
