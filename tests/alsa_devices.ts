@@ -13,8 +13,14 @@
  *   NOT noticed: always write a new file (these helpers do) instead of editing one.
  * - `ALSA_CONFIG_PATH` replaces the whole configuration. With `includeSystem` (the default) the
  *   system's `/usr/share/alsa/alsa.conf` comes first, so `file:FILE=…`, `null`, `hw:…` keep
- *   working; without it the file is self-contained (needed under qemu on aarch64, see
- *   TESTING.md) and only the PCMs defined here exist.
+ *   working; without it the file is self-contained: it defines its own minimal `null`,
+ *   `file:FILE=…,FORMAT=…` and `hw:CARD,DEV` next to the PCMs asked for, and nothing else exists.
+ * - Under qemu on aarch64 (scripts/test-arm64.sh) the system configuration cannot be loaded at
+ *   all: `/etc/alsa/conf.d/99-pulse.conf` runs a hook from `libasound_module_conf_pulse.so`
+ *   (libasound2-plugins, installed for x86_64 only), and the failed hook makes every
+ *   `snd_pcm_open` fail with ENOENT, even for PCMs defined in a later file. With `KVM_AUDIO_TEST_SELF_CONTAINED_ALSA=1`
+ *   every configuration written here is self-contained whatever `includeSystem` says, and
+ *   {@link SELF_CONTAINED_ALSA} lets tests that need the PulseAudio plugin skip themselves.
  * - A child process gets the configuration through its environment: pass `config.env`.
  *
  * @module
@@ -22,6 +28,62 @@
 
 /** The system configuration that defines the standard PCMs (`hw`, `null`, `file`, …). */
 export const SYSTEM_ALSA_CONFIG = "/usr/share/alsa/alsa.conf";
+
+/** The environment variable that makes every configuration self-contained (see the module notes). */
+export const SELF_CONTAINED_ALSA_ENV = "KVM_AUDIO_TEST_SELF_CONTAINED_ALSA";
+
+function selfContainedFromEnv(): boolean {
+  try {
+    return Deno.env.get(SELF_CONTAINED_ALSA_ENV) === "1";
+  } catch (e) {
+    // Without --allow-env the variable cannot be read: behave as on a normal host.
+    if (e instanceof Deno.errors.NotCapable || e instanceof Deno.errors.PermissionDenied) {
+      return false;
+    }
+    throw e;
+  }
+}
+
+/**
+ * True when `KVM_AUDIO_TEST_SELF_CONTAINED_ALSA=1` (aarch64 under qemu): the system ALSA
+ * configuration and the PulseAudio ALSA plugin cannot be loaded, so every configuration written
+ * here is self-contained, and a test of `pulse` PCMs can skip itself (`ignore: SELF_CONTAINED_ALSA`).
+ */
+export const SELF_CONTAINED_ALSA: boolean = selfContainedFromEnv();
+
+/**
+ * The standard PCMs the tests open by name, for a self-contained configuration: `null`,
+ * `file:FILE=…[,FORMAT=…]` over `null`, and `hw:CARD[,DEV[,SUBDEV]]` (so a missing card fails
+ * as it does with the system configuration).
+ */
+const STANDARD_PCMS = [
+  "pcm.null {",
+  "  type null",
+  "}",
+  "",
+  "pcm.file {",
+  "  @args [ FILE FORMAT ]",
+  "  @args.FILE { type string }",
+  '  @args.FORMAT { type string default "raw" }',
+  "  type file",
+  "  slave.pcm null",
+  "  file $FILE",
+  "  format $FORMAT",
+  "  truncate true",
+  "}",
+  "",
+  "pcm.hw {",
+  "  @args [ CARD DEV SUBDEV ]",
+  "  @args.CARD { type string }",
+  "  @args.DEV { type integer default 0 }",
+  "  @args.SUBDEV { type integer default -1 }",
+  "  type hw",
+  "  card $CARD",
+  "  device $DEV",
+  "  subdevice $SUBDEV",
+  "}",
+  "",
+].join("\n");
 
 /**
  * One named PCM.
@@ -106,16 +168,19 @@ let serial = 0;
 /**
  * Writes a configuration defining `pcms` into directory `dir`, under a file name not used
  * before (so libasound notices the change; see the module notes), and returns how to use it.
+ * With `includeSystem: false`, or always when {@link SELF_CONTAINED_ALSA}, the file is
+ * self-contained: it also defines `null`, `file:FILE=…` and `hw:…` itself.
  */
 export async function writeAlsaConfig(
   dir: string,
   pcms: Readonly<Record<string, PcmDefinition>>,
   { includeSystem = true }: { includeSystem?: boolean } = {},
 ): Promise<AlsaConfig> {
-  const text = alsaConfigText(pcms);
+  const system = includeSystem && !SELF_CONTAINED_ALSA;
+  const text = system ? alsaConfigText(pcms) : `${alsaConfigText(pcms)}\n${STANDARD_PCMS}`;
   const file = `${dir}/asound-${Deno.pid}-${++serial}-${Date.now()}.conf`;
   await Deno.writeTextFile(file, text);
-  const configPath = includeSystem ? `${SYSTEM_ALSA_CONFIG}:${file}` : file;
+  const configPath = system ? `${SYSTEM_ALSA_CONFIG}:${file}` : file;
   return { file, configPath, env: { ALSA_CONFIG_PATH: configPath }, names: Object.keys(pcms) };
 }
 
