@@ -238,26 +238,28 @@ export function readRtp(
   { payloadType = null }: { payloadType?: number | null } = {},
 ): RtpReadResult {
   const n = data.length;
-  if (n < RTP_HEADER_BYTES) {
-    return malformed("short", `Invalid RTP packet of ${n} bytes: expected at least 12`);
-  }
-  const b0 = data[0]!, b1 = data[1]!;
+  const b0 = data[0] ?? 0, b1 = data[1] ?? 0;
   const version = b0 >>> 6;
-  if (version !== RTP_VERSION) {
-    return malformed("version", `Invalid RTP version ${version}: expected 2`);
-  }
-  const view = new DataView(data.buffer, data.byteOffset, n);
-  if (b1 >= RTCP_PACKET_TYPES.min && b1 <= RTCP_PACKET_TYPES.max) {
+  if (
+    n >= 4 && version === RTP_VERSION && b1 >= RTCP_PACKET_TYPES.min && b1 <= RTCP_PACKET_TYPES.max
+  ) {
     // RTCP: a compound packet is whole 32-bit words and its first packet fits (RFC 3550 A.2).
-    const first = (view.getUint16(2) + 1) * 4;
+    const first = (((data[2]! << 8) | data[3]!) + 1) * 4;
     if (n % 4 !== 0 || first > n) {
       return malformed(
         "rtcp",
-        `Invalid RTCP packet of ${n} bytes: first packet says ${first} bytes, expected whole words`,
+        `Invalid RTCP packet of ${n} bytes: its first packet says ${first} bytes, expected whole words within the datagram`,
       );
     }
     return { kind: "rtcp" };
   }
+  if (n < RTP_HEADER_BYTES) {
+    return malformed("short", `Invalid RTP packet of ${n} bytes: expected at least 12`);
+  }
+  if (version !== RTP_VERSION) {
+    return malformed("version", `Invalid RTP version ${version}: expected 2`);
+  }
+  const view = new DataView(data.buffer, data.byteOffset, n);
   const csrcCount = b0 & MASK_CSRC_COUNT;
   let at = RTP_HEADER_BYTES + 4 * csrcCount;
   if (at > n) {
@@ -564,8 +566,8 @@ export interface RtpSenderOptions {
   readonly allowMulticast?: boolean;
   /** Also send DTX/silence packets of at most 2 bytes (skipped otherwise). */
   readonly sendDtx?: boolean;
-  /** Datagrams a destination may have queued in the socket before more are dropped; 64. */
-  readonly maxInFlight?: number;
+  /** Packets a destination may have waiting for its socket before the oldest is dropped; 64. */
+  readonly maxQueued?: number;
   /** Fixed SSRC (tests); random when unset. */
   readonly ssrc?: number;
   /** First sequence number (tests); random when unset. */
@@ -595,7 +597,10 @@ export interface RtpSenderStats {
 interface Target {
   readonly dest: RtpDestination;
   readonly socket: dgram.Socket;
-  inFlight: number;
+  /** Packets waiting for the socket, oldest first. */
+  readonly queue: Uint8Array[];
+  /** Whether a datagram is in the socket now. */
+  sending: boolean;
   sent: number;
   sentBytes: number;
   errors: number;
@@ -612,7 +617,7 @@ export class RtpSender implements AsyncDisposable {
   readonly #ssrc: number;
   readonly #timestampBase: number;
   readonly #sendDtx: boolean;
-  readonly #maxInFlight: number;
+  readonly #maxQueued: number;
   #sequence: number;
   #unsubscribe: (() => void) | null;
   #first = true;
@@ -641,7 +646,7 @@ export class RtpSender implements AsyncDisposable {
     this.#sequence = options.firstSequence ?? randomUint32() & 0xffff;
     this.#timestampBase = options.timestampBase ?? randomUint32();
     this.#sendDtx = options.sendDtx ?? false;
-    this.#maxInFlight = options.maxInFlight ?? 64;
+    this.#maxQueued = options.maxQueued ?? 64;
     const t = transportMetrics(source.metrics);
     const r = rtpMetrics(source.metrics);
     this.#m = {
@@ -671,15 +676,17 @@ export class RtpSender implements AsyncDisposable {
     }
     if (options.payloadType !== undefined) checkPayloadType(options.payloadType);
     for (
-      const [what, v, max] of [
-        ["SSRC", options.ssrc, 0xffffffff],
-        ["first sequence number", options.firstSequence, 0xffff],
-        ["timestamp base", options.timestampBase, 0xffffffff],
-        ["in-flight limit", options.maxInFlight, 1 << 20],
+      const [what, v, min, max] of [
+        ["SSRC", options.ssrc, 0, 0xffffffff],
+        ["first sequence number", options.firstSequence, 0, 0xffff],
+        ["timestamp base", options.timestampBase, 0, 0xffffffff],
+        ["queue limit", options.maxQueued, 1, 1 << 20],
       ] as const
     ) {
-      if (v !== undefined && (!Number.isInteger(v) || v < 0 || v > max)) {
-        throw new RangeError(`Invalid RTP ${what} "${v}": expected an integer from 0 to ${max}`);
+      if (v !== undefined && (!Number.isInteger(v) || v < min || v > max)) {
+        throw new RangeError(
+          `Invalid RTP ${what} "${v}": expected an integer from ${min} to ${max}`,
+        );
       }
     }
     const dests: RtpDestination[] = [];
@@ -698,7 +705,8 @@ export class RtpSender implements AsyncDisposable {
         const target: Target = {
           dest,
           socket,
-          inFlight: 0,
+          queue: [],
+          sending: false,
           sent: 0,
           sentBytes: 0,
           errors: 0,
@@ -770,27 +778,47 @@ export class RtpSender implements AsyncDisposable {
     for (const t of this.#targets) this.#send(t, packet);
   }
 
+  /**
+   * Queues `packet` for `t`. One datagram per destination is in the socket at a time, the next
+   * one leaves from the previous one's callback: Deno's `node:dgram` (2.9.5) delivers datagrams
+   * sent in one synchronous burst in reverse order, which would reorder every burst of frames the
+   * service hands over after a stall. When the queue is full the oldest packet is dropped (a
+   * fresh packet is worth more to a live listener).
+   */
   #send(t: Target, packet: Uint8Array): void {
-    if (t.inFlight >= this.#maxInFlight) {
+    if (t.queue.length >= this.#maxQueued) {
+      t.queue.shift();
       this.#m.backlog.inc();
+    }
+    t.queue.push(packet);
+    if (!t.sending) this.#pump(t);
+  }
+
+  #pump(t: Target): void {
+    const packet = t.queue.shift();
+    if (packet === undefined || this.#closed) {
+      t.sending = false;
       return;
     }
-    t.inFlight++;
-    try {
-      t.socket.send(packet, t.dest.port, t.dest.address, (err) => {
-        t.inFlight--;
-        if (err) {
-          RtpSender.#failed(t, err, this.#m.sendErrors);
-          return;
-        }
+    t.sending = true;
+    const done = (err: Error | null) => {
+      if (this.#closed) return; // the socket was closed under it: not a send error
+      if (err) {
+        RtpSender.#failed(t, err, this.#m.sendErrors);
+      } else {
         t.sent++;
         t.sentBytes += packet.length;
         this.#m.sent.inc();
         this.#m.sentBytes.inc(packet.length);
-      });
+      }
+      this.#pump(t);
+    };
+    try {
+      t.socket.send(packet, t.dest.port, t.dest.address, done);
     } catch (e) {
-      t.inFlight--;
+      // Synchronous refusals (a closed socket); go on with the next packet later.
       RtpSender.#failed(t, e as Error, this.#m.sendErrors);
+      queueMicrotask(() => this.#pump(t));
     }
   }
 
