@@ -116,6 +116,9 @@ export interface PipelineStatus {
   readonly supervisor: SupervisorStatus | null;
 }
 
+/** Samples per channel a microphone packet may carry (2.5, 5, 10, 20, 40, 60 ms at 48 kHz). */
+const PACKET_SAMPLES = new Set([120, 240, 480, 960, 1920, 2880]);
+
 /** Why a microphone packet was refused. */
 export type PushResult = "queued" | "malformed" | "not-running";
 
@@ -577,7 +580,8 @@ export class AudioService implements AsyncDisposable {
       if (e instanceof InvalidPacketError) return malformed("toc");
       throw e;
     }
-    if (samples > 2880 || samples < 120) return malformed("duration");
+    // One playout frame per packet: 2.5 to 60 ms, a duration an Opus encoder produces in one call.
+    if (!PACKET_SAMPLES.has(samples)) return malformed("duration");
     const p = this.#input;
     if (!p?.wanted) {
       this.#t.dropped.inc(1, { reason: "microphone_stopped" });

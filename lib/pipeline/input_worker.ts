@@ -141,8 +141,14 @@ function run(init: InputInit): void {
           }
           break;
         case "fec":
-          n = decoder.decodeFec(d.data, dec, frame);
-          m.fec.inc();
+          try {
+            n = decoder.decodeFec(d.data, dec, frame);
+            m.fec.inc();
+          } catch (e) {
+            if (!(e instanceof OpusError)) throw e;
+            m.decodeErrors.inc();
+            n = decoder.conceal(dec, frame);
+          }
           break;
         case "plc":
           n = decoder.conceal(dec, frame);
