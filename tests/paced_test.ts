@@ -47,7 +47,22 @@ Deno.test("paced virtual devices: both pipelines run for 6 s with plausible stag
   // Record what the playback device plays, through the sink's monitor (a real client: arecord).
   const recording = `${dir.path}/monitor.raw`;
   const arecord = new Deno.Command("arecord", {
-    args: ["-q", "-D", pulse.pcm.monitor, "-f", "S16_LE", "-r", "48000", "-c", "2", "-t", "raw", "-d", "9", recording],
+    args: [
+      "-q",
+      "-D",
+      pulse.pcm.monitor,
+      "-f",
+      "S16_LE",
+      "-r",
+      "48000",
+      "-c",
+      "2",
+      "-t",
+      "raw",
+      "-d",
+      "9",
+      recording,
+    ],
     env: pulse.env,
     stdout: "null",
     stderr: "piped",
@@ -65,7 +80,10 @@ Deno.test("paced virtual devices: both pipelines run for 6 s with plausible stag
     const wait = due - performance.now();
     if (wait > 0) await sleep(wait);
     const n = enc.encode(pcm.subarray(i * frame, (i + 1) * frame), frame, buf);
-    assert.equal(service.pushMicrophonePacket(buf.subarray(0, n), i & 0xffff, (i * frame) >>> 0), "queued");
+    assert.equal(
+      service.pushMicrophonePacket(buf.subarray(0, n), i & 0xffff, (i * frame) >>> 0),
+      "queued",
+    );
   }
   const end = performance.now();
   await sleep(300);
@@ -83,15 +101,27 @@ Deno.test("paced virtual devices: both pipelines run for 6 s with plausible stag
   const cap = stage(service, "capture_to_encoded");
   const hand = stage(service, "encoded_to_handed");
   const play = stage(service, "received_to_played");
-  assert.ok(cap.count > 400 && cap.p50 > 0 && cap.p50 < 50, `capture→encoded ${JSON.stringify(cap)}`);
-  assert.ok(hand.count > 400 && hand.p50 >= 0 && hand.p50 < 20, `encoded→handed ${JSON.stringify(hand)}`);
-  assert.ok(play.count > 200 && play.p50 > 0 && play.p50 < 400, `received→played ${JSON.stringify(play)}`);
+  assert.ok(
+    cap.count > 400 && cap.p50 > 0 && cap.p50 < 50,
+    `capture→encoded ${JSON.stringify(cap)}`,
+  );
+  assert.ok(
+    hand.count > 400 && hand.p50 >= 0 && hand.p50 < 20,
+    `encoded→handed ${JSON.stringify(hand)}`,
+  );
+  assert.ok(
+    play.count > 200 && play.p50 > 0 && play.p50 < 400,
+    `received→played ${JSON.stringify(play)}`,
+  );
   const depth = service.metrics.toJSON().gauges["kvm_audio_playout_depth_frames"] as number;
   assert.ok(depth >= 0 && depth <= 9, `playout depth ${depth}`);
 
   // The playback device played the microphone's tone.
   const status = await arecord.status;
-  assert.ok(status.success, new TextDecoder().decode((await arecord.stderr.getReader().read()).value));
+  assert.ok(
+    status.success,
+    new TextDecoder().decode((await arecord.stderr.getReader().read()).value),
+  );
   const heard = channel(await readRaw(recording), 2);
   // The monitor starts late (PulseAudio start-up); look at the loudest second.
   let best = 0, bestDb = -200;

@@ -69,7 +69,11 @@ Deno.test("a crashed output worker is restarted and audio resumes; the control s
   assert.equal(st.supervisor?.lastExit, "crash");
   assert.match(st.supervisor?.lastError ?? "", /Injected fault/);
   assert.equal(st.preset, "medium");
-  assert.equal(service.appliedOutputPreset, "medium", "the new incarnation applied the saved preset");
+  assert.equal(
+    service.appliedOutputPreset,
+    "medium",
+    "the new incarnation applied the saved preset",
+  );
   // The sequence continues across the restart (no reuse of numbers).
   for (let i = 1; i < packets.length; i++) assert.ok(packets[i]!.seq > packets[i - 1]!.seq);
   // The audio after the restart is the tone.
@@ -93,7 +97,10 @@ Deno.test("a stalled output worker is terminated, its device released, and resta
   for (let i = 0; i < 3; i++) {
     const restarts = service.outputStatus().supervisor?.restarts ?? 0;
     Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.stall);
-    await until("a stall restart", () => (service.outputStatus().supervisor?.restarts ?? 0) > restarts);
+    await until(
+      "a stall restart",
+      () => (service.outputStatus().supervisor?.restarts ?? 0) > restarts,
+    );
     assert.equal(service.outputStatus().supervisor?.lastExit, "stall");
     const c = count;
     await until("audio after the stall", () => count > c + 10);
