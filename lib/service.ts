@@ -23,6 +23,7 @@ import {
   CONTROL,
   type DeviceInfo,
   epochMs,
+  FrameFlag,
   INPUT_RING,
   type InputInit,
   orphanSlot,
@@ -219,7 +220,6 @@ export class AudioService implements AsyncDisposable {
   #pump: Promise<void> | null = null;
   #nextSeq = 0;
   #nextTimestamp = 0;
-  readonly #presetWaiters: ((how: "live" | "rebuilt") => void)[] = [];
 
   constructor(options: ServiceOptions) {
     this.options = Object.freeze({ ...options });
@@ -512,7 +512,7 @@ export class AudioService implements AsyncDisposable {
       frame.timestamp = slot.t[2]! >>> 0;
       frame.samples = slot.samples;
       frame.channels = slot.t[3]!;
-      frame.silence = (slot.flags & 2) !== 0;
+      frame.silence = (slot.flags & FrameFlag.silence) !== 0;
       frame.capturedAt = slot.t[0]!;
       this.#nextSeq = (slot.seq + 1) | 0;
       this.#nextTimestamp = (frame.timestamp + slot.samples) >>> 0;
@@ -637,10 +637,10 @@ export class AudioService implements AsyncDisposable {
         this.metrics.absorb(kind, msg.snapshot);
         break;
       case "preset":
-        for (const w of this.#presetWaiters.splice(0)) w(msg.how);
+        log.debug("{kind} preset {preset} applied ({how})", { kind, ...msg });
         break;
       case "fatal":
-        break;
+        break; // the supervisor restarts the worker
     }
   }
 

@@ -3,19 +3,7 @@ import { OpusEncoder } from "../ffi/opus.ts";
 import { AudioService } from "../lib/service.ts";
 import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig } from "./alsa_devices.ts";
-import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
-
-/** Deterministic PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

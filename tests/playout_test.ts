@@ -10,21 +10,10 @@ import {
   type PlayoutOptions,
   type PlayoutStats,
 } from "../lib/playout.ts";
+import { prng } from "./audio_util.ts";
 
 const FRAME_MS = 20;
 const FRAME_SAMPLES = 960;
-
-/** Mulberry32: small seeded PRNG, uniform in [0, 1). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** One packet as sent: `id` is the sender's frame index (strictly increasing, never wraps). */
 interface Sent {

@@ -25,21 +25,9 @@ import {
 } from "../lib/transport/rtp.ts";
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
-import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Deterministic PRNG (mulberry32). */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 type Json = ReturnType<Registry["toJSON"]>;
 
