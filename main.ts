@@ -89,8 +89,7 @@ export async function main(args: readonly string[]): Promise<number> {
     hostname: config.listen.hostname,
     port: config.listen.port,
     signal: ac.signal,
-    onListen: ({ hostname, port }) =>
-      log.info("API listening on http://{hostname}:{port}", { hostname, port }),
+    onListen: ({ hostname, port }) => log.info(`API listening on http://${hostname}:${port}`),
   }, app.fetch);
 
   const stop = new Promise<void>((resolve) => {
