@@ -1,0 +1,43 @@
+import assert from "node:assert/strict";
+import { compileArgs, INCLUDES, RUNTIME_FLAGS, TARGETS } from "../scripts/compile.ts";
+
+const repo = new URL("..", import.meta.url).pathname;
+
+Deno.test("compile embeds the workers and bakes in the permissions for both targets", () => {
+  assert.deepEqual(Object.keys(TARGETS), ["aarch64-unknown-linux-gnu", "x86_64-unknown-linux-gnu"]);
+  for (const target of Object.keys(TARGETS) as (keyof typeof TARGETS)[]) {
+    const args = compileArgs(target, "dist");
+    assert.deepEqual(args.slice(0, 3), ["compile", "--target", target]);
+    for (const inc of INCLUDES) assert.ok(args.includes(inc), inc);
+    for (const flag of RUNTIME_FLAGS) assert.ok(args.includes(flag), flag);
+    assert.ok(args.includes("--allow-ffi"), "FFI unrestricted");
+    assert.equal(args.at(-1), "main.ts");
+    assert.ok(args.includes(`dist/kvm-audio-${target}`));
+  }
+  // The workers it embeds are the ones the service starts.
+  for (const inc of INCLUDES) assert.ok(Deno.statSync(`${repo}/${inc}`).isFile);
+});
+
+Deno.test("compile says what to set when denort cannot be had", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      "--allow-run",
+      "scripts/compile.ts",
+      "--target",
+      "aarch64-unknown-linux-gnu",
+      "--outdir",
+      await Deno.makeTempDir(),
+    ],
+    cwd: repo,
+    env: { DENORT_BIN: "/nonexistent/denort" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const err = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1);
+  assert.match(err, /DENORT_BIN=\/nonexistent\/denort/);
+});
