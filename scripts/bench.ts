@@ -3,7 +3,7 @@
  * against a baseline measured in the same run; `--json` prints one JSON object per line
  * (`{"name","value","unit","baseline","ratio"}`) so figures can be compared over time.
  *
- * Names select benchmarks: opus, ring, engine, footprint (default: all). `KVM_AUDIO_BENCH_QUICK=1`
+ * Names select benchmarks: opus, ring, engine, e2e, footprint (default: all). `KVM_AUDIO_BENCH_QUICK=1`
  * shortens the engine and footprint runs; `KVM_AUDIO_BENCH_ARM64=1` adds the footprint figures
  * under emulated aarch64 (after `deno task test:arm64` installed it).
  *
@@ -15,11 +15,13 @@ import { benchOpusCodec } from "./bench/opus_codec.ts";
 import { benchRingHop } from "./bench/ring_hop.ts";
 import { benchEngine } from "./bench/engine.ts";
 import { benchFootprint } from "./bench/footprint.ts";
+import { benchE2e } from "./bench/e2e.ts";
 
 const BENCHES: Record<string, () => Promise<BenchResult[]>> = {
   opus: () => benchOpusCodec(),
   ring: () => benchRingHop(),
   engine: () => benchEngine({ quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1" }),
+  e2e: () => benchE2e({ quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1" }),
   footprint: () =>
     benchFootprint({
       quick: Deno.env.get("KVM_AUDIO_BENCH_QUICK") === "1",
