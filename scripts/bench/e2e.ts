@@ -76,6 +76,7 @@
  */
 
 import dgram from "node:dgram";
+import { LineReader } from "./lines.ts";
 import { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
 import { epochMs } from "../../lib/frame_ring.ts";
@@ -536,38 +537,10 @@ async function broadcastMain(packetFile: string): Promise<void> {
   Deno.exit(0);
 }
 
-/** Reads newline-terminated lines from a byte stream. */
-class Lines {
-  readonly #reader: ReadableStreamDefaultReader<string>;
-  #buffer = "";
-
-  constructor(stream: ReadableStream<Uint8Array>) {
-    this.#reader = stream.pipeThrough(new TextDecoderStream()).getReader();
-  }
-
-  async next(): Promise<string | undefined> {
-    for (;;) {
-      const nl = this.#buffer.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buffer.slice(0, nl);
-        this.#buffer = this.#buffer.slice(nl + 1);
-        return line;
-      }
-      const { value, done } = await this.#reader.read();
-      if (done) return undefined;
-      this.#buffer += value;
-    }
-  }
-
-  async cancel(): Promise<void> {
-    await this.#reader.cancel().catch(() => {});
-  }
-}
-
 /** A child process of this file (`--listeners` or `--broadcast`). */
 class Client implements AsyncDisposable {
   readonly #process: Deno.ChildProcess;
-  readonly #lines: Lines;
+  readonly #lines: LineReader;
   readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
   readonly #stderr: Promise<string>;
   #disposed = false;
@@ -580,7 +553,7 @@ class Client implements AsyncDisposable {
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    this.#lines = new Lines(this.#process.stdout);
+    this.#lines = new LineReader(this.#process.stdout);
     this.#stdin = this.#process.stdin.getWriter();
     this.#stderr = new Response(this.#process.stderr).text();
   }

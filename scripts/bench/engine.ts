@@ -44,6 +44,7 @@
  */
 
 import { OPUS_MAX_PACKET, OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
+import { LineReader } from "./lines.ts";
 import { encoderSettings, frameSamples, OUTPUT_PRESETS } from "../../lib/quality.ts";
 import { writeRaw } from "../../tests/alsa_devices.ts";
 import { startPulse } from "../../tests/pulse.ts";
@@ -162,38 +163,10 @@ function codecFloor(signal: Int16Array, packets: readonly Uint8Array[], passes =
 // ---------------------------------------------------------------------------------------------
 // The child process.
 
-/** Reads newline-terminated lines from a byte stream. */
-class Lines {
-  readonly #reader: ReadableStreamDefaultReader<string>;
-  #buffer = "";
-
-  constructor(stream: ReadableStream<Uint8Array>) {
-    this.#reader = stream.pipeThrough(new TextDecoderStream()).getReader();
-  }
-
-  async next(): Promise<string | undefined> {
-    for (;;) {
-      const nl = this.#buffer.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buffer.slice(0, nl);
-        this.#buffer = this.#buffer.slice(nl + 1);
-        return line;
-      }
-      const { value, done } = await this.#reader.read();
-      if (done) return undefined;
-      this.#buffer += value;
-    }
-  }
-
-  async cancel(): Promise<void> {
-    await this.#reader.cancel().catch(() => {});
-  }
-}
-
 /** A running {@link ./engine_service.ts}. */
 class Child implements AsyncDisposable {
   readonly #process: Deno.ChildProcess;
-  readonly #lines: Lines;
+  readonly #lines: LineReader;
   readonly #stdin: WritableStreamDefaultWriter<Uint8Array>;
   readonly #stderr: Promise<string>;
   readonly #mode: string;
@@ -214,7 +187,7 @@ class Child implements AsyncDisposable {
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    this.#lines = new Lines(this.#process.stdout);
+    this.#lines = new LineReader(this.#process.stdout);
     this.#stdin = this.#process.stdin.getWriter();
     this.#stderr = new Response(this.#process.stderr).text();
   }

@@ -33,6 +33,7 @@
  */
 
 import { openLibrary } from "../../ffi/library.ts";
+import { LineReader } from "./lines.ts";
 import {
   OPUS_MAX_PACKET,
   OpusApplication,
@@ -359,35 +360,6 @@ class FfiSide implements Disposable {
 
 // ---------------------------------------------------------------------------------------------
 // Native side.
-
-/** Reads newline-terminated lines from a byte stream. */
-class LineReader {
-  readonly #reader: ReadableStreamDefaultReader<string>;
-  #buffer = "";
-
-  constructor(stream: ReadableStream<Uint8Array>) {
-    this.#reader = stream.pipeThrough(new TextDecoderStream()).getReader();
-  }
-
-  /** The next line without its newline, or undefined at the end of the stream. */
-  async next(): Promise<string | undefined> {
-    for (;;) {
-      const nl = this.#buffer.indexOf("\n");
-      if (nl >= 0) {
-        const line = this.#buffer.slice(0, nl);
-        this.#buffer = this.#buffer.slice(nl + 1);
-        return line;
-      }
-      const { value, done } = await this.#reader.read();
-      if (done) return undefined;
-      this.#buffer += value;
-    }
-  }
-
-  async cancel(): Promise<void> {
-    await this.#reader.cancel().catch(() => {});
-  }
-}
 
 /** A running `opus_native` for one preset, driven chunk by chunk over its stdin. */
 class NativeSide implements AsyncDisposable {
