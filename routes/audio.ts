@@ -13,8 +13,9 @@ import type { WebSocketHub } from "../lib/transport/hub.ts";
 import {
   answerControl,
   checkField,
-  type JsonSchema,
+  json,
   type ObjectSchema,
+  pipelineStatusBody,
   QUALITY_BODY,
   readJsonBody,
   requireEnabled,
@@ -37,29 +38,13 @@ const MUTE_BODY: ObjectSchema = {
 export function outputStatus(service: AudioService, hub: WebSocketHub) {
   const s = service.outputStatus();
   return {
-    enabled: s.enabled,
-    running: s.running,
-    state: s.state,
-    device: s.device,
-    rate: s.obtained?.rate ?? null,
-    obtained: s.obtained,
-    lastDeviceError: s.lastDeviceError,
-    preset: s.preset,
+    ...pipelineStatusBody(s),
     muted: s.muted,
     listeners: hub.size,
     subscribers: s.listeners,
-    restarts: s.supervisor?.restarts ?? 0,
-    breaker: {
-      open: s.supervisor?.breakerOpen ?? false,
-      crashes: s.supervisor?.crashes ?? 0,
-      lastError: s.supervisor?.lastError ?? null,
-    },
-    supervisor: s.supervisor,
     streams: hub.listeners(),
   };
 }
-
-const json = (schema: JsonSchema, description: string) => ({ description, schema });
 
 /** The routes of `/api/audio`. */
 export function audioRoutes({ service, hub }: RouteDeps): RouteSpec[] {

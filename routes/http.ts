@@ -24,7 +24,7 @@ import type { Context, ErrorHandler, Handler, MiddlewareHandler, NotFoundHandler
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import type { WebSocketHub } from "../lib/transport/hub.ts";
-import { type AudioService, ServiceUnavailableError } from "../lib/service.ts";
+import { type AudioService, type PipelineStatus, ServiceUnavailableError } from "../lib/service.ts";
 import { PRESET_NAMES } from "../lib/quality.ts";
 import { parseControlMessage, type PongMessage } from "../lib/transport/ws_protocol.ts";
 import type { TalkChannel } from "./microphone.ts";
@@ -542,3 +542,30 @@ export function answerControl(text: string): string | null {
   };
   return JSON.stringify(pong);
 }
+
+/** The fields both pipelines' status bodies share, from the service's status. */
+export function pipelineStatusBody(s: PipelineStatus) {
+  return {
+    enabled: s.enabled,
+    running: s.running,
+    state: s.state,
+    device: s.device,
+    rate: s.obtained?.rate ?? null,
+    obtained: s.obtained,
+    lastDeviceError: s.lastDeviceError,
+    preset: s.preset,
+    restarts: s.supervisor?.restarts ?? 0,
+    breaker: {
+      open: s.supervisor?.breakerOpen ?? false,
+      crashes: s.supervisor?.crashes ?? 0,
+      lastError: s.supervisor?.lastError ?? null,
+    },
+    supervisor: s.supervisor,
+  };
+}
+
+/** A JSON response spec. */
+export const json = (schema: JsonSchema, description: string): ResponseSpec => ({
+  description,
+  schema,
+});

@@ -33,7 +33,8 @@ import {
   answerControl,
   type AppEnv,
   checkField,
-  type JsonSchema,
+  json,
+  pipelineStatusBody,
   QUALITY_BODY,
   readJsonBody,
   requireEnabled,
@@ -263,28 +264,8 @@ function closeQuietly(socket: TalkSocket, code: number, reason: string): void {
 
 /** Status of the microphone pipeline as the API shows it. */
 export function microphoneStatus(service: AudioService, talk: TalkChannel) {
-  const s = service.microphoneStatus();
-  return {
-    enabled: s.enabled,
-    running: s.running,
-    state: s.state,
-    device: s.device,
-    rate: s.obtained?.rate ?? null,
-    obtained: s.obtained,
-    lastDeviceError: s.lastDeviceError,
-    preset: s.preset,
-    restarts: s.supervisor?.restarts ?? 0,
-    breaker: {
-      open: s.supervisor?.breakerOpen ?? false,
-      crashes: s.supervisor?.crashes ?? 0,
-      lastError: s.supervisor?.lastError ?? null,
-    },
-    supervisor: s.supervisor,
-    talker: talk.stats(),
-  };
+  return { ...pipelineStatusBody(service.microphoneStatus()), talker: talk.stats() };
 }
-
-const json = (schema: JsonSchema, description: string) => ({ description, schema });
 
 /** The routes of `/api/microphone`. */
 export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
