@@ -359,6 +359,8 @@ export interface PcmTimestamp {
 export class Pcm implements Disposable {
   #pcm: Deno.PointerObject | null;
   #xruns = 0;
+  #spuriousWakeups = 0;
+  #polls = 0;
   #suspends = 0;
   /** The PCM name it was opened with, e.g. "default" or "hw:0,0". */
   readonly name: string;
@@ -532,6 +534,7 @@ export class Pcm implements Disposable {
       if (left <= 0) return false;
       const n = c.snd_pcm_poll_descriptors(pcm, pfds, count);
       if (n < 0) throw new AlsaError("snd_pcm_poll_descriptors", n, this.name);
+      this.#polls++;
       const polled = cLib().poll(pfds, BigInt(n), left);
       if (polled <= 0) continue; // timeout (the deadline check returns false) or EINTR
       const rc = c.snd_pcm_poll_descriptors_revents(pcm, pfds, n, revents);
@@ -543,7 +546,26 @@ export class Pcm implements Disposable {
         throw new AlsaError("snd_pcm_wait", -EIO, this.name, "poll reported an error");
       }
       if (ev & (POLLIN | POLLOUT)) return true;
+      // Woken, yet not ready: PulseAudio's plugin keeps its descriptor readable while less than
+      // a period is there, so polling again at once would spin (measured: a poll every 0.5 ms
+      // for most of each 10 ms period). Sleep the time the missing frames take, then look again.
+      this.#spuriousWakeups++;
+      const missing = this.periodFrames - avail;
+      sleepMs(Math.max(1, Math.min(deadline - performance.now(), (missing * 1000) / this.rate)));
     }
+  }
+
+  /**
+   * Times {@link Pcm.wait} was woken by the device's descriptor while the device was not ready
+   * (and slept the missing frames' time instead of polling again at once).
+   */
+  get spuriousWakeups(): number {
+    return this.#spuriousWakeups;
+  }
+
+  /** Times {@link Pcm.wait} called `poll(2)` on the device's descriptors. */
+  get polls(): number {
+    return this.#polls;
   }
 
   /** Frames that can be transferred now (`snd_pcm_avail_update`); 0 after recovering an xrun. */

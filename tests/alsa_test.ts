@@ -323,6 +323,37 @@ Deno.test({
       assert.ok(elapsed < 1000, `wait(50) took ${elapsed.toFixed(0)} ms`);
     });
 
+    await t.step(
+      "wait polls about once per period: the plugin's early wake-ups do not spin",
+      () => {
+        // PulseAudio's plugin keeps its descriptor readable while less than a period is there; a
+        // wait that polled again at once made ~20 polls per 10 ms period (strace of the service).
+        using pcm = Pcm.open(pulse.pcm.tone, {
+          stream: "capture",
+          channels: 2,
+          rate: RATE,
+          periodFrames: RATE / 100,
+          bufferFrames: (RATE / 100) * 8,
+        });
+        const buf = new Int16Array(pcm.periodFrames * 2);
+        let periods = 0;
+        const t0 = performance.now();
+        while (performance.now() - t0 < 2000) {
+          if (pcm.wait(100) && pcm.readi(buf, pcm.periodFrames) > 0) periods++;
+        }
+        const seconds = (performance.now() - t0) / 1000;
+        // PulseAudio's source takes up to ~2 s to deliver steadily after its first open; early
+        // wake-ups then sleep the missing frames' time (≤ ~100 polls/s). Spinning made thousands.
+        assert.ok(periods >= 20, `only ${periods} periods read in ${seconds.toFixed(1)} s`);
+        assert.ok(
+          pcm.polls <= 2 * periods + 150 * seconds,
+          `${pcm.polls} polls for ${periods} periods in ${
+            seconds.toFixed(1)
+          } s (${pcm.spuriousWakeups} early wake-ups)`,
+        );
+      },
+    );
+
     await t.step("the tone PCM carries the tone, with wall-clock timestamps", () => {
       using pcm = Pcm.open(pulse.pcm.tone, { stream: "capture", channels: 1, rate: RATE });
       const buf = new Int16Array(RATE);
