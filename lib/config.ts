@@ -25,7 +25,7 @@ export interface Config {
   rtpOut: string[];
   rtpIn: number | null;
   rtpPayloadType: number;
-  pace: "device" | "clock";
+  pace: "device" | "clock" | "flat";
   logLevel: "debug" | "info" | "warning" | "error";
   check: boolean;
   help: boolean;
@@ -154,7 +154,8 @@ export const FLAGS: readonly FlagSpec[] = [
     env: "KVM_AUDIO_PACE",
     kind: "string",
     def: "device",
-    help: "device, or clock for unpaced virtual devices (ALSA file plugin)",
+    help:
+      "device; clock paces unpaced virtual devices (ALSA file plugin) by the wall clock; flat runs them flat out",
   },
   {
     flag: "log-level",
@@ -302,7 +303,7 @@ export function parseConfig(
     rtpOut,
     rtpIn: rtpIn === undefined ? null : int("rtp-in", rtpIn, 1, 65535),
     rtpPayloadType: int("rtp-pt", get("rtp-pt")!, 96, 127),
-    pace: oneOf("pace", ["device", "clock"] as const),
+    pace: oneOf("pace", ["device", "clock", "flat"] as const),
     logLevel: oneOf("log-level", ["debug", "info", "warning", "error"] as const),
     check: bool("check"),
     help: bool("help"),

@@ -47,6 +47,8 @@ async function captureThrough(
   preset: PresetName,
   seconds: number,
   freq: number,
+  pace: "clock" | "flat" = "clock",
+  slowListenerMs = 0,
 ): Promise<{ c: Collected; service: AudioService }> {
   await using dir = await tempDir();
   const input = tone({ freq, channels: 2, frames: 48000 * seconds, amplitude: 0.4 });
@@ -59,11 +61,17 @@ async function captureThrough(
     capture: "kvm_test_capture",
     playback: null,
     outputPreset: preset,
-    pace: "clock",
+    pace,
     maxCaptureSamples: 48000 * seconds,
   });
   const [c, listener] = collector();
   service.subscribe(listener);
+  if (slowListenerMs > 0) {
+    service.subscribe(() => {
+      const until = performance.now() + slowListenerMs;
+      while (performance.now() < until) { /* a listener slower than the encoder */ }
+    });
+  }
   service.start();
   const deadline = Date.now() + (seconds + 10) * 1000;
   while (service.outputStatus().supervisor?.lastExit !== "ended" && Date.now() < deadline) {
@@ -106,6 +114,24 @@ for (const preset of PRESET_NAMES) {
     assert.ok(cap && cap.count === c.packets.length, "capture→encoded observed per frame");
   });
 }
+
+Deno.test("output pipeline, flat pacing: a listener slower than the encoder loses no frame", async () => {
+  // Flat out the worker out-runs the main thread; under flat pacing it waits for room in the
+  // ring instead of dropping, and the pump takes the frames in batches.
+  const seconds = EMULATED ? 4 : 20;
+  const { c, service } = await captureThrough("ultra", seconds, 1500, "flat", 0.3);
+  const frame = 48 * OUTPUT_PRESETS.ultra.frameMs;
+  assert.equal(c.packets.length, (48000 * seconds) / frame, "one packet per frame, none lost");
+  for (let i = 1; i < c.seqs.length; i++) {
+    assert.equal(c.seqs[i], (c.seqs[i - 1]! + 1) >>> 0, "sequence without gaps");
+  }
+  const json = service.metrics.toJSON();
+  const dropped = json.counters["kvm_audio_frames_dropped_total"] as Record<string, number>;
+  assert.equal(dropped[`reason="ring_full"`] ?? 0, 0);
+  const pcm = decodeStereo(c.packets);
+  const left = channel(pcm, 2).subarray(48000, 48000 * 3);
+  assert.ok(Math.abs(dominantFrequency(left, 48000) - 1500) < 10);
+});
 
 Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
   // Under qemu the worker starts 1-4 s late and changes coalesce.

@@ -12,13 +12,21 @@
  * The frame duration follows the packets (their TOC, read by the main thread, comes in the slot's
  * `samples`): a sender may switch between 10 and 20 ms frames and the buffer follows.
  *
+ * **Flat pacing** (`pace: "flat"`, benchmarks and offline decoding to an unpaced device): there is
+ * no clock but the packets. Each loop turn takes one packet from the ring (waiting for it when
+ * the ring is empty — never concealing for want of time), hands it to the playout buffer as
+ * arriving on a virtual clock that advances one frame per played frame, and plays one frame. A
+ * steady stream thus plays packet for packet at the buffer's minimum depth; a lost packet is
+ * concealed and adds a frame of depth, which the drift control takes back. The received→played
+ * stage still measures real time, from the packet's push to its playing.
+ *
  * @module
  */
 
 import type { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusError } from "../../ffi/opus.ts";
 import { Resampler } from "../../ffi/speexdsp.ts";
-import { FrameRing } from "../frame_ring.ts";
+import { FrameRing, type ReadSlot } from "../frame_ring.ts";
 import { Registry } from "../metrics.ts";
 import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
@@ -82,19 +90,38 @@ function run(init: InputInit): void {
     ctl.state = "stopped";
   }
 
-  function drain(): boolean {
-    for (let slot = ring.claim(); slot !== null; slot = ring.claim()) {
-      const n = slot.samples;
-      if (n !== frame && n > 0 && n <= MAX_FRAME) {
-        frame = n;
-        playout.setFrameSamples(n);
-      }
-      const seq = slot.seq & 0xffff;
-      const r = playout.push(seq, slot.t[1]! >>> 0, slot.t[0]!, slot.data);
-      results[r].inc();
-      if (r === "accepted") arrival[seq] = slot.t[0]!;
+  /** Hands a claimed packet to the playout buffer as arriving at `arrivalMs`. */
+  function accept(slot: ReadSlot, arrivalMs: number): void {
+    const n = slot.samples;
+    if (n !== frame && n > 0 && n <= MAX_FRAME) {
+      frame = n;
+      playout.setFrameSamples(n);
     }
+    const seq = slot.seq & 0xffff;
+    const r = playout.push(seq, slot.t[1]! >>> 0, arrivalMs, slot.data);
+    results[r].inc();
+    if (r === "accepted") arrival[seq] = slot.t[0]!;
+  }
+
+  /** Takes every queued packet; true once the ring ended and is empty. */
+  function drain(): boolean {
+    for (let slot = ring.claim(); slot !== null; slot = ring.claim()) accept(slot, slot.t[0]!);
     return ring.ended && ring.available === 0;
+  }
+
+  /**
+   * Flat pacing: takes the next packet (waiting up to 100 ms for one) as arriving at `now`.
+   * "ended" once the ring ended and is empty; "waiting" when none came in time.
+   */
+  function takeOne(now: number): "ok" | "ended" | "waiting" {
+    let slot = ring.claim();
+    if (slot === null) {
+      if (ring.waitForData(100) !== "ok") return ring.ended ? "ended" : "waiting";
+      slot = ring.claim();
+      if (slot === null) return "waiting";
+    }
+    accept(slot, now);
+    return "ok";
   }
 
   /** Plays until stopped (false) or the input ring ended and the buffer ran out (true). */
@@ -110,6 +137,9 @@ function run(init: InputInit): void {
     });
     const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
+    const flat = init.pace === "flat";
+    // Flat pacing's virtual clock (ms): one frame per played frame.
+    let virtualNow = 0;
     let xruns = pcm.xruns;
     let endedIdle = 0;
 
@@ -117,17 +147,37 @@ function run(init: InputInit): void {
       ctl.beat();
       ctl.checkFault();
       poster.tick(performance.now());
-      const inputEnded = drain();
-
-      // Wait until the device has room for a frame (or the clock says one is due).
-      const need = Math.round((pcm.rate * frame) / 48000);
-      if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
-      else if (pcm.avail() < need) {
-        pcm.wait(100);
-        continue;
+      let inputEnded: boolean;
+      let now: number;
+      if (flat) {
+        // Keep the buffer at its target depth, each packet arriving half a frame before it is
+        // due (as a steady stream does on average). No packet for 100 ms: play what is buffered.
+        const frameMs = (frame / 48000) * 1000;
+        let took: "ok" | "ended" | "waiting" = "ok";
+        while (took === "ok" && playout.stats.depth < playout.stats.targetDepth) {
+          took = takeOne(virtualNow - frameMs / 2);
+        }
+        inputEnded = took === "ended";
+        if (took === "waiting" && playout.stats.buffered === 0) continue;
+        now = virtualNow;
+      } else {
+        inputEnded = drain();
+        // Wait until the device has room for a frame (or the clock says one is due).
+        const need = Math.round((pcm.rate * frame) / 48000);
+        if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
+        else if (pcm.avail() < need) {
+          pcm.wait(100);
+          continue;
+        }
+        now = epochMs();
       }
 
-      const d = playout.next(epochMs());
+      const d = playout.next(now);
+      if (flat) {
+        // No time passes without packets: buffering writes nothing.
+        if (d.kind === "idle" && !inputEnded) continue;
+        virtualNow += (frame / 48000) * 1000;
+      }
       let n = frame;
       switch (d.kind) {
         case "play":

@@ -80,10 +80,17 @@ interface InitCommon {
   readonly metricsIntervalMs?: number;
   /**
    * Pacing: "device" (default) waits on the PCM; "clock" paces by the wall clock for unpaced
-   * virtual devices (the ALSA `file` plugin over `null`), as hardware would.
+   * virtual devices (the ALSA `file` plugin over `null`), as hardware would; "flat" runs with no
+   * clock at all on unpaced devices — the output as fast as the device delivers and the main
+   * thread takes the frames (waiting for room in its ring instead of dropping), the input one
+   * frame per packet as fast as packets come (see input_worker.ts) — for benchmarks and offline
+   * encoding and decoding.
    */
-  readonly pace?: "device" | "clock";
+  readonly pace?: Pace;
 }
+
+/** How a pipeline loop is paced (see {@link InitCommon.pace}). */
+export type Pace = "device" | "clock" | "flat";
 
 /** Init message of the output (capture → Opus) worker. */
 export interface OutputInit extends InitCommon {

@@ -4,7 +4,8 @@
  *
  * The loop never blocks without a bound: the PCM is non-blocking and waited on with a 100 ms
  * timeout, so the supervisor can always stop or terminate it. It never waits for the main thread:
- * a full ring drops its oldest frame.
+ * a full ring drops its oldest frame — except under flat pacing (no clock: an unpaced device read
+ * flat out), where it waits for room instead, so a benchmark or an offline encode loses nothing.
  *
  * Capture timestamp (`t[0]`): the moment the frame's *last* sample was captured, i.e. the time of
  * the read minus what `snd_pcm_delay` says is still queued behind it, minus the samples that
@@ -145,6 +146,7 @@ function run(init: OutputInit): void {
     let accFrames = 0;
     const enc = new Int16Array(2880 * 2);
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
+    const flat = init.pace === "flat";
     const periodMs = (period / pcm.rate) * 1000;
     let xruns = pcm.xruns;
     pcm.start();
@@ -155,6 +157,11 @@ function run(init: OutputInit): void {
       if (ctl.get(CONTROL.generation) !== generation) applyPreset();
       poster.tick(performance.now());
 
+      if (flat && ring.available >= ring.slots - 4) {
+        // No clock to keep: wait for the consumer rather than drop (see messages.ts, Pace).
+        ctl.sleep(1);
+        continue;
+      }
       if (pacer) pacer.wait(ctl, periodMs);
       else if (!pcm.wait(100)) continue;
       const n = pcm.readi(capBuf, period);
