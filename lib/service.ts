@@ -29,6 +29,7 @@ import {
   orphanSlot,
   OUTPUT_RING,
   type OutputInit,
+  type Pace,
   type WorkerMessage,
 } from "./pipeline/messages.ts";
 import { inputMetrics, outputMetrics, transportMetrics } from "./pipeline/pipeline_metrics.ts";
@@ -53,6 +54,17 @@ import {
 
 const log = getLogger(["kvm-audio", "service"]);
 
+/**
+ * The frame pump batches its wake-ups when frames come closer together than this (ms): below the
+ * shortest Opus frame (2.5 ms), so a paced stream is never batched.
+ */
+const COALESCE_BELOW_MS = 2;
+/** Consecutive wake-ups closer than {@link COALESCE_BELOW_MS} before the pump batches. */
+const COALESCE_AFTER = 4;
+/** How long a batching pump lets frames gather (ms; a timer turn, ≈ 1–2 ms): well within the
+ * output ring's 64 frames at any speed a capture device reaches. */
+const COALESCE_SLEEP_MS = 1;
+
 /** Options of {@link AudioService}. */
 export interface ServiceOptions {
   /** ALSA capture PCM for the output pipeline; `null` disables the output pipeline. */
@@ -67,8 +79,11 @@ export interface ServiceOptions {
   microphonePreset?: PresetName;
   /** Where control state is saved; none when unset. */
   stateFile?: string;
-  /** "clock" paces unpaced virtual devices by the wall clock (tests, demos). */
-  pace?: "device" | "clock";
+  /**
+   * "clock" paces unpaced virtual devices by the wall clock (tests, demos); "flat" runs both
+   * pipelines flat out with no clock (benchmarks, offline decoding; see {@link Pace}).
+   */
+  pace?: Pace;
   /** Stop capture after this many 48 kHz samples (finite test input). */
   maxCaptureSamples?: number;
   /** Honour the test-only fault switch. */
@@ -529,8 +544,20 @@ export class AudioService implements AsyncDisposable {
     // per wait, a hundred times a second).
     const keepAlive = setInterval(() => {}, 60_000);
     this.#pump = (async () => {
+      let lastWake = -Infinity, fastWakes = 0;
       while (!this.#closed) {
         const r = await ring.waitForDataAsync(200, false);
+        const now = performance.now();
+        fastWakes = now - lastWake < COALESCE_BELOW_MS ? fastWakes + 1 : 0;
+        lastWake = now;
+        if (r === "ok" && fastWakes >= COALESCE_AFTER) {
+          // Frames keep coming faster than one per COALESCE_BELOW_MS (a flat-out source): take
+          // them in batches after a short timer instead of one wake-up of this thread (and one
+          // notify by the worker) per frame. A paced stream never gets here — its frames are
+          // 2.5–60 ms apart, and a device's burst of a few periods is fewer than COALESCE_AFTER
+          // — so this adds no latency to live audio.
+          await new Promise((resolve) => setTimeout(resolve, COALESCE_SLEEP_MS));
+        }
         for (let s = ring.claim(); s !== null; s = ring.claim()) deliver(s);
         const d = ring.dropped;
         if (d !== lastDropped) {
@@ -600,6 +627,15 @@ export class AudioService implements AsyncDisposable {
       this.#t.dropped.inc(p.ring.dropped - before, { reason: "input_ring_full" });
     }
     return "queued";
+  }
+
+  /**
+   * Microphone packets queued for the input worker and not yet taken by it (0 when the pipeline
+   * is disabled). A full queue drops its oldest packet; a sender flat out (a benchmark, an
+   * offline decode under `pace: "flat"`) can keep below {@link INPUT_RING}'s slots with it.
+   */
+  get microphoneBacklog(): number {
+    return this.#input?.ring.available ?? 0;
   }
 
   /** Samples per channel a microphone client should put in each packet. */

@@ -9,14 +9,12 @@
  *    `opus_encode` and `opus_decode` (a stereo decoder, as the input worker uses) in one tight
  *    loop through `ffi/opus.ts` on one thread: the median of three timed passes after a warm-up
  *    pass, process CPU time. Against it, in a child process ({@link ./engine_service.ts}):
- *    - both pipelines at ultra: the output pipeline capturing the signal from an *unpaced* file
- *      PCM (flat out) and the input pipeline playing the microphone packets into a file PCM
- *      *paced by the clock*, the packets pushed through `pushMicrophonePacket` in real time. The
- *      input worker cannot run unpaced: its playout buffer schedules by arrival time, and flat out
- *      it would spin through silence and concealment between pushes. `pace` is one option for
- *      the whole service, so the two pipelines are two `AudioService`s in one process. CPU is
- *      the whole process's over a window holding 60 s of audio through each pipeline, opened once
- *      both workers are loaded (worker start-up is outside it);
+ *    - both pipelines at ultra on *unpaced* file PCMs in one `AudioService` with `pace: "flat"`:
+ *      the output pipeline capturing the signal flat out, the input pipeline playing the
+ *      microphone packets one frame per packet as fast as `pushMicrophonePacket` feeds them (kept
+ *      below the input ring's size by `microphoneBacklog`; see input_worker.ts on flat pacing).
+ *      CPU is the whole process's over a window holding 60 s of audio through each pipeline,
+ *      opened once both workers are loaded (worker start-up is outside it);
  *    - the output pipeline alone, unpaced, against the encode part of the floor.
  * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
  *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
@@ -404,7 +402,7 @@ async function figureCpu(
   );
   return [
     result(
-      `engine CPU/audio-min, both pipelines ultra (out unpaced, in clock-paced) vs codec floor`,
+      `engine CPU/audio-min, both pipelines ultra (unpaced, flat out) vs codec floor`,
       perMin(both.cpuSeconds),
       "CPU-s/audio-min",
       perMin(floor.encode + floor.decode),

@@ -66,52 +66,43 @@ async function until(what: string, done: () => boolean, timeoutMs: number, every
 }
 
 /**
- * Pushes microphone packets into a service at the pace of their media time (one 10 ms packet
- * every 10 ms, scheduled against the start so timer lateness does not accumulate), as a network
- * client's packets would arrive.
+ * Pushes microphone packets flat out, as many as the input ring takes: tops its backlog up to
+ * {@link FLAT_BACKLOG} packets, then yields to the event loop for a timer turn (≈ 1–2 ms, in which
+ * the input worker plays a few dozen of them). Resolves when `count` packets were pushed.
  */
-class RealTimePusher {
-  pushed = 0;
-  #stopped = false;
-  readonly #done: Promise<void>;
-
-  constructor(
-    readonly service: AudioService,
-    readonly packets: readonly Uint8Array[],
-    readonly frame: number,
-  ) {
-    this.#done = this.#run();
-  }
-
-  async #run(): Promise<void> {
-    const periodMs = (this.frame / 48000) * 1000;
-    const t0 = performance.now();
-    while (!this.#stopped) {
-      const due = Math.floor((performance.now() - t0) / periodMs) + 1;
-      while (this.pushed < due) this.#push();
-      await sleep(t0 + this.pushed * periodMs - performance.now());
+async function pushFlat(
+  service: AudioService,
+  packets: readonly Uint8Array[],
+  frame: number,
+  from: number,
+  count: number,
+): Promise<number> {
+  let k = from;
+  while (k < from + count) {
+    while (k < from + count && service.microphoneBacklog < FLAT_BACKLOG) {
+      const p = packets[k % packets.length]!;
+      service.pushMicrophonePacket(p, k & 0xffff, (k * frame) >>> 0, "local");
+      k++;
     }
+    await sleep(1);
   }
-
-  #push(): void {
-    const k = this.pushed++;
-    const p = this.packets[k % this.packets.length]!;
-    this.service.pushMicrophonePacket(p, k & 0xffff, (k * this.frame) >>> 0, "local");
-  }
-
-  async stop(): Promise<void> {
-    this.#stopped = true;
-    await this.#done;
-  }
+  return k;
 }
 
+/** Packets {@link pushFlat} keeps queued: most of the input ring (64), never all of it. */
+const FLAT_BACKLOG = 48;
+
 /**
- * Figure 1. The output pipeline's capture PCM is missing at first: its worker loads, fails to
- * open it and waits to retry. The window opens (CPU read) when the input pipeline has played
- * `warmupSeconds`; the capture PCM then appears (a new ALSA configuration), the output worker
- * opens it at its next retry and encodes `seconds` of audio flat out; the window closes when the
- * input pipeline has been fed `seconds` of packets since it opened. Worker start-up is thus
- * outside the window, and the window holds `seconds` of audio through each pipeline.
+ * Figure 1: one service with `pace: "flat"` — the output pipeline capturing from an unpaced file
+ * PCM flat out, the input pipeline playing packets into an unpaced file PCM one frame per packet
+ * as fast as {@link pushFlat} feeds them. The capture PCM is missing at first: the output worker
+ * loads, fails to open it and waits to retry. After `warmupSeconds` of packets through the input
+ * (both workers loaded and compiled), the window opens (CPU read), the capture PCM appears (a new
+ * ALSA configuration; the output worker opens it at its next retry and encodes `seconds` of audio)
+ * and `seconds` of packets are pushed; the window closes when the output ended and the input
+ * worker reported every packet decoded. Worker start-up is thus outside the window, and the window
+ * holds `seconds` of audio through each pipeline. Waits poll every 20 ms: the harness's own
+ * wake-ups count in the window too.
  */
 async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
   await using dir = await tempDir("kvm-bench-engine-");
@@ -124,69 +115,60 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
   const packets = await readPackets(cfg.packets);
   const frame = frameSamples(MICROPHONE_PRESETS.ultra);
   const windowPackets = Math.round((cfg.seconds * 48000) / frame);
+  const warmupPackets = Math.round((cfg.warmupSeconds * 48000) / frame);
 
   const alsa = { current: useAlsaConfig(before) };
-  const input = cfg.input
-    ? new AudioService({
-      capture: null,
-      playback: "kvm_bench_playback",
-      microphonePreset: "ultra",
-      pace: "clock",
-    })
-    : null;
-  const output = new AudioService({
+  const service = new AudioService({
     capture: "kvm_bench_capture",
-    playback: null,
+    playback: cfg.input ? "kvm_bench_playback" : null,
     outputPreset: "ultra",
+    microphonePreset: "ultra",
     maxCaptureSamples: cfg.seconds * 48000,
+    pace: "flat",
+    metricsIntervalMs: 250,
   });
   let handed = 0;
-  output.subscribe(() => handed++);
-  let pusher: RealTimePusher | null = null;
+  service.subscribe(() => handed++);
+  const decoded = () => counterTotal(service.metrics.toJSON(), DECODED);
   try {
-    input?.start();
-    output.start();
-    if (input) {
-      await until("the input pipeline to run", () => input.microphoneStatus().running, 15_000);
-      pusher = new RealTimePusher(input, packets, frame);
+    service.start();
+    if (cfg.input) {
+      await until("the input pipeline to run", () => service.microphoneStatus().running, 15_000);
     }
     await until("the output worker to miss its device", () => {
-      return output.outputStatus().lastDeviceError !== null;
+      return service.outputStatus().lastDeviceError !== null;
     }, 15_000);
-    const warmupPackets = (cfg.warmupSeconds * 48000) / frame;
-    await until(
-      "the warm-up",
-      () => (pusher?.pushed ?? Infinity) >= warmupPackets,
-      cfg.warmupSeconds * 1000 + 15_000,
-    );
+    let pushed = 0;
+    if (cfg.input) {
+      pushed = await pushFlat(service, packets, frame, 0, warmupPackets);
+      await until("the warm-up", () => decoded() >= warmupPackets, 30_000);
+    }
 
-    const in0 = input?.metrics.toJSON();
-    const k0 = pusher?.pushed ?? 0;
+    const in0 = service.metrics.toJSON();
     const threads0 = await threadCpuSeconds();
     const cpu0 = processCpuSeconds();
     const t0 = performance.now();
     alsa.current[Symbol.dispose]();
     alsa.current = useAlsaConfig(after);
     let outputEnd = NaN;
+    const outputEnded = () => {
+      if (Number.isNaN(outputEnd) && service.outputStatus().supervisor?.lastExit === "ended") {
+        outputEnd = performance.now();
+      }
+      return !Number.isNaN(outputEnd);
+    };
+    if (cfg.input) pushed = await pushFlat(service, packets, frame, pushed, windowPackets);
     await until(
       "the window to close",
-      () => {
-        if (Number.isNaN(outputEnd) && output.outputStatus().supervisor?.lastExit === "ended") {
-          outputEnd = performance.now();
-        }
-        return (pusher?.pushed ?? Infinity) >= k0 + windowPackets && !Number.isNaN(outputEnd);
-      },
-      cfg.seconds * 1000 + 30_000,
-      2,
+      () => outputEnded() && (!cfg.input || decoded() >= warmupPackets + windowPackets),
+      cfg.seconds * 1000 + 60_000,
+      20,
     );
     const cpu1 = processCpuSeconds();
     const t1 = performance.now();
     const threads1 = await threadCpuSeconds();
-    const pushed = (pusher?.pushed ?? k0) - k0;
-    const in1 = input?.metrics.toJSON();
-    const out1 = output.metrics.toJSON();
-    const delta = (name: string) =>
-      in0 && in1 ? counterTotal(in1, name) - counterTotal(in0, name) : 0;
+    const in1 = service.metrics.toJSON();
+    const delta = (name: string) => counterTotal(in1, name) - counterTotal(in0, name);
 
     const threads: Record<string, number> = {};
     let alive = 0;
@@ -202,17 +184,16 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
       cpuSeconds: cpu1 - cpu0,
       wallSeconds: (t1 - t0) / 1000,
       outputFrames: handed,
-      outputDropped: counterTotal(out1, DROPPED),
+      outputDropped: counterTotal(in1, DROPPED),
       outputSeconds: (outputEnd - t0) / 1000,
-      inputPushed: pushed,
+      inputPushed: cfg.input ? windowPackets : 0,
       inputDecoded: delta(DECODED),
       inputConcealed: delta(CONCEALED),
       inputPlayed: delta(PLAYED),
       threads,
     };
   } finally {
-    await pusher?.stop();
-    await Promise.all([input?.close(), output.close()]);
+    await service.close();
     alsa.current[Symbol.dispose]();
   }
 }
