@@ -241,7 +241,11 @@ Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets 
   json = service.metrics.toJSON();
   assert.equal(counter(json, "kvm_audio_frames_dropped_total"), 0, "no packet dropped");
   assert.equal(labelled(json, "kvm_audio_input_packets_total", "accepted"), total);
-  assert.equal(counter(json, "kvm_audio_input_packets_decoded_total"), total, "every packet decoded");
+  assert.equal(
+    counter(json, "kvm_audio_input_packets_decoded_total"),
+    total,
+    "every packet decoded",
+  );
   assert.equal(counter(json, "kvm_audio_input_frames_concealed_total"), 0, "nothing concealed");
   assert.equal(counter(json, "kvm_audio_input_drift_drops_total"), 0, "nothing dropped for drift");
 
@@ -258,5 +262,8 @@ Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets 
   const mid = mono.subarray(start + 48000, start + 48000 * (seconds - 1));
   assert.ok(Math.abs(dominantFrequency(mid, 48000) - 700) < 6);
   const want = rmsDb(channel(tone({ freq: 700, frames: 48000, amplitude: 0.4 }), 1));
-  assert.ok(Math.abs(rmsDb(mid) - want) < 2, `level ${rmsDb(mid).toFixed(2)} vs ${want.toFixed(2)}`);
+  assert.ok(
+    Math.abs(rmsDb(mid) - want) < 2,
+    `level ${rmsDb(mid).toFixed(2)} vs ${want.toFixed(2)}`,
+  );
 });
