@@ -18,7 +18,7 @@ import { getLogger } from "@logtape/logtape";
 import { Pcm } from "../ffi/alsa.ts";
 import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../ffi/opus.ts";
 import { FrameRing, type ReadSlot } from "./frame_ring.ts";
-import { Registry } from "./metrics.ts";
+import { type CounterSeries, Registry } from "./metrics.ts";
 import {
   CONTROL,
   type DeviceInfo,
@@ -225,6 +225,27 @@ export class AudioService implements AsyncDisposable {
   /** Every metric of the service; worker series are absorbed from their snapshots. */
   readonly metrics = new Registry();
   readonly #t = transportMetrics(this.metrics);
+  /** The series {@link AudioService.pushMicrophonePacket} counts in, bound once (per packet). */
+  readonly #micSeries = (() => {
+    const t = this.#t;
+    const malformed = (reason: string) => t.malformed.labels({ reason });
+    return {
+      received: {
+        websocket: t.received.labels({ transport: "websocket" }),
+        rtp: t.received.labels({ transport: "rtp" }),
+        local: t.received.labels({ transport: "local" }),
+      } as Record<string, CounterSeries | undefined>,
+      malformed: {
+        sequence: malformed("sequence"),
+        timestamp: malformed("timestamp"),
+        size: malformed("size"),
+        toc: malformed("toc"),
+        duration: malformed("duration"),
+      },
+      stopped: t.dropped.labels({ reason: "microphone_stopped" }),
+      ringFull: t.dropped.labels({ reason: "input_ring_full" }),
+    };
+  })();
   readonly #output: Pipeline | null;
   readonly #input: Pipeline | null;
   #state: ControlState;
@@ -585,11 +606,11 @@ export class AudioService implements AsyncDisposable {
     timestamp: number,
     transport: "websocket" | "rtp" | "local" = "local",
   ): PushResult {
-    const received = this.#t.received.labels({ transport });
-    received.inc();
+    const m = this.#micSeries;
+    (m.received[transport] ?? this.#t.received.labels({ transport })).inc();
     this.#t.receivedBytes.inc(packet.length);
-    const malformed = (reason: string) => {
-      this.#t.malformed.inc(1, { reason });
+    const malformed = (reason: keyof typeof m.malformed) => {
+      m.malformed[reason].inc();
       return "malformed" as const;
     };
     if (!Number.isInteger(seq) || seq < 0 || seq > 0xffff) return malformed("sequence");
@@ -611,7 +632,7 @@ export class AudioService implements AsyncDisposable {
     if (!PACKET_SAMPLES.has(samples)) return malformed("duration");
     const p = this.#input;
     if (!p?.wanted) {
-      this.#t.dropped.inc(1, { reason: "microphone_stopped" });
+      m.stopped.inc();
       return "not-running";
     }
     const slot = p.ring.reserve();
@@ -624,7 +645,7 @@ export class AudioService implements AsyncDisposable {
     const before = p.ring.dropped;
     p.ring.publish(slot, packet.length);
     if (p.ring.dropped !== before) {
-      this.#t.dropped.inc(p.ring.dropped - before, { reason: "input_ring_full" });
+      m.ringFull.inc(p.ring.dropped - before);
     }
     return "queued";
   }
