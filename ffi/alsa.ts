@@ -194,17 +194,20 @@ const symbols = {
     parameters: ["pointer", "buffer", "u32", "buffer"],
     result: "i32",
   },
+  // snd_pcm_sframes_t (a long) results are declared "i32": Deno returns 64-bit results as a
+  // BigInt (an allocation per call, three calls per frame), and the low 32 bits of the return
+  // register are exact for a frame count or a negative errno on x86_64 and aarch64 (eax/w0).
   // snd_pcm_sframes_t snd_pcm_avail_update(snd_pcm_t *pcm);
-  snd_pcm_avail_update: { parameters: ["pointer"], result: "isize" },
+  snd_pcm_avail_update: { parameters: ["pointer"], result: "i32" },
   // int snd_pcm_delay(snd_pcm_t *pcm, snd_pcm_sframes_t *delayp);
   snd_pcm_delay: { parameters: ["pointer", "buffer"], result: "i32" },
   // int snd_pcm_htimestamp(snd_pcm_t *pcm, snd_pcm_uframes_t *avail, snd_htimestamp_t *tstamp);
   //   snd_htimestamp_t is struct timespec { time_t tv_sec; long tv_nsec; } — two 64-bit fields.
   snd_pcm_htimestamp: { parameters: ["pointer", "buffer", "buffer"], result: "i32" },
   // snd_pcm_sframes_t snd_pcm_readi(snd_pcm_t *pcm, void *buffer, snd_pcm_uframes_t size);
-  snd_pcm_readi: { parameters: ["pointer", "buffer", "usize"], result: "isize" },
+  snd_pcm_readi: { parameters: ["pointer", "buffer", "usize"], result: "i32" },
   // snd_pcm_sframes_t snd_pcm_writei(snd_pcm_t *pcm, const void *buffer, snd_pcm_uframes_t size);
-  snd_pcm_writei: { parameters: ["pointer", "buffer", "usize"], result: "isize" },
+  snd_pcm_writei: { parameters: ["pointer", "buffer", "usize"], result: "i32" },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 type Symbols = Deno.DynamicLibrary<typeof symbols>["symbols"];
@@ -362,6 +365,13 @@ export class Pcm implements Disposable {
   #spuriousWakeups = 0;
   #polls = 0;
   #suspends = 0;
+  readonly #delayOut = new BigInt64Array(1);
+  readonly #delayWords = new Int32Array(this.#delayOut.buffer);
+  #pfds = new Uint8Array(0);
+  readonly #revents = new Uint16Array(1);
+  #pfdCount = 0n;
+  #lastN = 0;
+  #lastBig = 0n;
   /** The PCM name it was opened with, e.g. "default" or "hw:0,0". */
   readonly name: string;
   /** The direction. */
@@ -473,7 +483,7 @@ export class Pcm implements Disposable {
     const n = this.#checkTransfer(buf, frames);
     const pcm = this.#handle("snd_pcm_readi");
     if (n === 0) return 0;
-    const rc = Number(alsa().snd_pcm_readi(pcm, buf, BigInt(n)));
+    const rc = Number(alsa().snd_pcm_readi(pcm, buf, this.#big(n)));
     return rc >= 0 ? rc : this.#recoverOrThrow("snd_pcm_readi", rc);
   }
 
@@ -488,7 +498,7 @@ export class Pcm implements Disposable {
     const n = this.#checkTransfer(buf, frames);
     const pcm = this.#handle("snd_pcm_writei");
     if (n === 0) return 0;
-    const rc = Number(alsa().snd_pcm_writei(pcm, buf, BigInt(n)));
+    const rc = Number(alsa().snd_pcm_writei(pcm, buf, this.#big(n)));
     return rc >= 0 ? rc : this.#recoverOrThrow("snd_pcm_writei", rc);
   }
 
@@ -510,8 +520,12 @@ export class Pcm implements Disposable {
     if (count <= 0) {
       throw new AlsaError("snd_pcm_poll_descriptors_count", count < 0 ? count : -EIO, this.name);
     }
-    const pfds = new Uint8Array(count * POLLFD_SIZE);
-    const revents = new Uint16Array(1);
+    if (this.#pfds.length !== count * POLLFD_SIZE) {
+      this.#pfds = new Uint8Array(count * POLLFD_SIZE);
+      this.#pfdCount = BigInt(count);
+    }
+    const pfds = this.#pfds;
+    const revents = this.#revents;
     for (;;) {
       // Ready already, or stopped by an xrun/suspend (recovered: the caller transfers next)?
       switch (this.state()) {
@@ -535,7 +549,7 @@ export class Pcm implements Disposable {
       const n = c.snd_pcm_poll_descriptors(pcm, pfds, count);
       if (n < 0) throw new AlsaError("snd_pcm_poll_descriptors", n, this.name);
       this.#polls++;
-      const polled = cLib().poll(pfds, BigInt(n), left);
+      const polled = cLib().poll(pfds, n === count ? this.#pfdCount : BigInt(n), left);
       if (polled <= 0) continue; // timeout (the deadline check returns false) or EINTR
       const rc = c.snd_pcm_poll_descriptors_revents(pcm, pfds, n, revents);
       if (rc < 0) throw new AlsaError("snd_pcm_poll_descriptors_revents", rc, this.name);
@@ -580,10 +594,10 @@ export class Pcm implements Disposable {
    * 0 after recovering an xrun.
    */
   delay(): number {
-    const out = new BigInt64Array(1);
-    const rc = alsa().snd_pcm_delay(this.#handle("snd_pcm_delay"), out);
+    const rc = alsa().snd_pcm_delay(this.#handle("snd_pcm_delay"), this.#delayOut);
     if (rc < 0) return this.#recoverOrThrow("snd_pcm_delay", rc);
-    return Number(out[0]!);
+    // Little-endian int64 from two int32 halves: no BigInt per call.
+    return this.#delayWords[1]! * 4294967296 + (this.#delayWords[0]! >>> 0);
   }
 
   /**
@@ -704,6 +718,15 @@ export class Pcm implements Disposable {
   /** Same as {@link Pcm.close}. */
   [Symbol.dispose](): void {
     this.close();
+  }
+
+  /** `BigInt(n)`, cached for the last `n` (frame counts repeat): no BigInt per transfer. */
+  #big(n: number): bigint {
+    if (n !== this.#lastN) {
+      this.#lastN = n;
+      this.#lastBig = BigInt(n);
+    }
+    return this.#lastBig;
   }
 
   #handle(fn: string): Deno.PointerObject {

@@ -233,7 +233,7 @@ function checkName<T extends Record<string, number>>(what: string, table: T, v: 
 }
 
 function nameOf<T extends Record<string, number>>(table: T, code: number): keyof T {
-  for (const [k, v] of Object.entries(table)) if (v === code) return k as keyof T;
+  for (const k in table) if (table[k] === code) return k as keyof T;
   throw new RangeError(`Unknown libopus value ${code}: expected one of ${Object.values(table)}`);
 }
 

@@ -1054,8 +1054,15 @@ export class Registry {
     if (snapshot.id === this.id) {
       throw new RangeError(`Cannot absorb this registry's own snapshot as "${source}"`);
     }
-    const schema = new Schema(this.#schema);
-    for (const m of snapshot.metrics) schema.define(definitionOf(m));
+    // Copy the schema only when the snapshot brings a definition it does not know yet.
+    let schema = this.#schema;
+    for (const m of snapshot.metrics) {
+      const known = schema.definitions.get(m.name);
+      const d = definitionOf(m);
+      if (known !== undefined && sameDefinition(known, d)) continue;
+      if (schema === this.#schema) schema = new Schema(this.#schema);
+      schema.define(d);
+    }
     this.#schema = schema;
     const prev = this.#sources.get(source);
     if (prev !== undefined && prev.id !== snapshot.id) this.#retire(prev);

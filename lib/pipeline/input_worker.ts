@@ -172,6 +172,7 @@ function run(init: InputInit): void {
         now = epochMs();
       }
 
+      const dueAt = epochMs();
       const d = playout.next(now);
       if (flat) {
         // No time passes without packets: buffering writes nothing.
@@ -232,7 +233,7 @@ function run(init: InputInit): void {
       }
       let written = 0;
       while (written < frames && !ctl.stopRequested) {
-        const w = pcm.writei(out.subarray(written * outCh), frames - written);
+        const w = pcm.writei(written === 0 ? out : out.subarray(written * outCh), frames - written);
         written += w;
         if (w === 0) {
           ctl.beat();
@@ -244,6 +245,7 @@ function run(init: InputInit): void {
         xruns = pcm.xruns;
       }
       m.played.inc();
+      if (d.kind !== "idle") m.dueToWritten.observe(epochMs() - dueAt);
       if (d.kind === "play") {
         const queued = Math.max(0, pcm.delay()) - frames;
         const audibleAt = epochMs() + (Math.max(0, queued) / pcm.rate) * 1000;

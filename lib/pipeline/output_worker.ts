@@ -144,6 +144,7 @@ function run(init: OutputInit): void {
     // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack).
     const acc = new Int16Array((2880 + resBuf.length / devCh + period) * devCh);
     let accFrames = 0;
+    let frameView = acc.subarray(0, 0);
     const enc = new Int16Array(2880 * 2);
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
     const flat = init.pace === "flat";
@@ -183,7 +184,10 @@ function run(init: OutputInit): void {
       }
       if (captured48 + frames > maxSamples) frames = Math.max(0, maxSamples - captured48);
       captured48 += frames;
-      acc.set(src.subarray(0, frames * devCh), accFrames * devCh);
+      acc.set(
+        frames * devCh === src.length ? src : src.subarray(0, frames * devCh),
+        accFrames * devCh,
+      );
       accFrames += frames;
       // When the last accumulated sample was captured.
       const lastAt = readAt - (Math.max(0, queued) / pcm.rate) * 1000;
@@ -197,8 +201,9 @@ function run(init: OutputInit): void {
           m.muted.inc();
         } else {
           const ch = preset.channels;
+          if (frameView.length !== fs * devCh) frameView = acc.subarray(0, fs * devCh);
           const pcmIn = devCh === ch
-            ? acc.subarray(start * devCh, (start + fs) * devCh)
+            ? (start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh))
             : (mixChannels(acc.subarray(start * devCh), devCh, enc, ch, fs), enc);
           const slot = ring.reserve();
           const bytes = encoder.encode(pcmIn, fs, slot.data);
@@ -214,6 +219,7 @@ function run(init: OutputInit): void {
           m.encoded.inc();
           m.bytes.inc(bytes);
           m.captureToEncoded.observe(done - frameAt);
+          m.readToEncoded.observe(done - readAt);
         }
         seq = (seq + 1) | 0;
         rtp = (rtp + fs) >>> 0;
