@@ -113,6 +113,18 @@ Deno.test("paced virtual devices: both pipelines run for 6 s with plausible stag
     play.count > 200 && play.p50 > 0 && play.p50 < 400,
     `received→played ${JSON.stringify(play)}`,
   );
+  // What the code adds inside those stages: well under a frame.
+  const read = stage(service, "read_to_encoded");
+  const due = stage(service, "due_to_written");
+  assert.ok(
+    read.count === cap.count && read.p50 >= 0 && read.p50 < 10,
+    `read→encoded ${JSON.stringify(read)}`,
+  );
+  assert.ok(read.p50 <= cap.p50, `read→encoded ${read.p50} within capture→encoded ${cap.p50}`);
+  assert.ok(
+    due.count >= play.count && due.p50 >= 0 && due.p50 < 10,
+    `due→written ${JSON.stringify(due)}`,
+  );
   const depth = service.metrics.toJSON().gauges["kvm_audio_playout_depth_frames"] as number;
   assert.ok(depth >= 0 && depth <= 9, `playout depth ${depth}`);
 

@@ -10,6 +10,15 @@
  *   (written to the device plus what `snd_pcm_delay` says is queued ahead of it; the playout
  *   buffer's wait included).
  *
+ * Two of those hold time the stage does not add: `capture_to_encoded` includes the samples the
+ * device itself still held when they were read (PulseAudio hands capture over in bursts), and
+ * `received_to_played` the playout buffer's deliberate depth and the device's queue. What the
+ * code adds is measured on its own:
+ * - `read_to_encoded` — the period completing a frame read from the device → packet written
+ *   (channel mix, resampling, encode);
+ * - `due_to_written` — the playout buffer says a frame is due → its samples written to the device
+ *   (decode or concealment, mix, resampling, write).
+ *
  * @module
  */
 
@@ -31,6 +40,7 @@ export function outputMetrics(r: Registry) {
     ),
     xruns: r.counter("kvm_audio_output_xruns_total", "Capture overruns recovered"),
     captureToEncoded: stage.labels({ stage: "capture_to_encoded" }),
+    readToEncoded: stage.labels({ stage: "read_to_encoded" }),
   };
 }
 
@@ -80,6 +90,7 @@ export function inputMetrics(r: Registry) {
     target: r.gauge("kvm_audio_playout_target_frames", "Target playout depth, frames"),
     jitter: r.gauge("kvm_audio_playout_jitter_ms", "Measured transit-time jitter, ms"),
     receivedToPlayed: stage.labels({ stage: "received_to_played" }),
+    dueToWritten: stage.labels({ stage: "due_to_written" }),
   };
 }
 

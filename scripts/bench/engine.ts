@@ -28,7 +28,9 @@
  *    process is counted for neither.
  * 3. **Stage-added latency**, p50 and p99 of `kvm_audio_stage_latency_ms{stage}` over the paced
  *    run's window (bucket interpolation, as the service's own estimate), against the frame
- *    duration (ratio = latency ÷ 10 ms). `received_to_played` includes the playout buffer's
+ *    duration (ratio = latency ÷ 10 ms): the end-to-end stages and, inside them, what the code
+ *    adds (`read_to_encoded`, `due_to_written`; see pipeline_metrics.ts). `capture_to_encoded`
+ *    includes what PulseAudio's source held back; `received_to_played` includes the playout buffer's
  *    deliberate depth and the device queue; the mean depth is printed too.
  * 4. **RSS** of a child running both pipelines unpaced, after 10⁶ frames through each against
  *    after 10⁴ (see {@link ./engine_service.ts} for how the input is fed flat out). The count
@@ -517,7 +519,17 @@ async function figurePaced(
       "ratio <= 0.5",
     ),
   ];
-  for (const stage of ["capture_to_encoded", "encoded_to_handed", "received_to_played"]) {
+  // The end-to-end stages (device buffering and playout depth included), then what the code
+  // adds inside them (see pipeline_metrics.ts).
+  for (
+    const stage of [
+      "capture_to_encoded",
+      "read_to_encoded",
+      "encoded_to_handed",
+      "received_to_played",
+      "due_to_written",
+    ]
+  ) {
     const after = stageHistogram(m1, stage);
     const q = after ? intervalQuantiles(stageHistogram(m0, stage), after) : null;
     if (q === null) {
