@@ -61,9 +61,12 @@ const log = getLogger(["kvm-audio", "service"]);
 const COALESCE_BELOW_MS = 2;
 /** Consecutive wake-ups closer than {@link COALESCE_BELOW_MS} before the pump batches. */
 const COALESCE_AFTER = 4;
-/** How long a batching pump lets frames gather (ms; a timer turn, ≈ 1–2 ms): well within the
- * output ring's 64 frames at any speed a capture device reaches. */
-const COALESCE_SLEEP_MS = 1;
+/**
+ * How long a batching pump lets frames gather (ms). Flat out the output worker encodes an ultra
+ * frame in ≈ 0.1 ms, so 4 ms gathers ≈ 40 of the ring's 64 (and under flat pacing the worker waits
+ * for room rather than drop); each timer turn of Deno's event loop costs ≈ 0.2 ms of CPU here.
+ */
+const COALESCE_SLEEP_MS = 4;
 
 /** Options of {@link AudioService}. */
 export interface ServiceOptions {
