@@ -14,6 +14,12 @@ Deno.test("compile embeds the workers and bakes in the permissions for both targ
     assert.equal(args.at(-1), "main.ts");
     assert.ok(args.includes(`dist/kvm-audio-${target}`));
   }
+  // The executable runs as `deno task start` does: same permissions, same V8 flags.
+  const tasks = JSON.parse(Deno.readTextFileSync(`${repo}/deno.json`)).tasks as Record<
+    string,
+    string
+  >;
+  for (const flag of RUNTIME_FLAGS) assert.ok(tasks.start!.split(" ").includes(flag), flag);
   // The workers it embeds are the ones the service starts.
   for (const inc of INCLUDES) assert.ok(Deno.statSync(`${repo}/${inc}`).isFile);
 });

@@ -77,6 +77,7 @@
 
 import dgram from "node:dgram";
 import { LineReader } from "./lines.ts";
+import { V8_FLAGS } from "../compile.ts";
 import { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
 import { epochMs } from "../../lib/frame_ring.ts";
@@ -139,6 +140,7 @@ const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 const ULTRA = OUTPUT_PRESETS.ultra;
 const SERVICE_FLAGS = [
   "--no-prompt",
+  `--v8-flags=${V8_FLAGS.join(",")}`,
   "--allow-ffi",
   "--allow-read",
   "--allow-write",

@@ -45,6 +45,7 @@
 
 import { OPUS_MAX_PACKET, OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
 import { LineReader } from "./lines.ts";
+import { V8_FLAGS } from "../compile.ts";
 import { encoderSettings, frameSamples, OUTPUT_PRESETS } from "../../lib/quality.ts";
 import { writeRaw } from "../../tests/alsa_devices.ts";
 import { startPulse } from "../../tests/pulse.ts";
@@ -177,7 +178,8 @@ class Child implements AsyncDisposable {
       args: [
         "run",
         ...CHILD_FLAGS,
-        ...(v8Flags.length > 0 ? [`--v8-flags=${v8Flags.join(",")}`] : []),
+        // The service's own V8 flags, as `deno task start` and the executable run it.
+        `--v8-flags=${[...V8_FLAGS, ...v8Flags].join(",")}`,
         CHILD,
         JSON.stringify(config),
       ],

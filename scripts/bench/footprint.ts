@@ -103,13 +103,15 @@ function freePort(): number {
   return port;
 }
 
-/** The `--allow-*` flags of `deno task start` (deno.json), so the service runs as it is deployed. */
+/** The `--allow-*` and `--v8-flags` of `deno task start` (deno.json): the service runs as deployed. */
 async function startPermissions(): Promise<string[]> {
   const json = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`)) as {
     tasks?: Record<string, string>;
   };
   const task = json.tasks?.["start"];
-  const flags = task?.split(/\s+/).filter((a) => a.startsWith("--allow-")) ?? [];
+  const flags =
+    task?.split(/\s+/).filter((a) => a.startsWith("--allow-") || a.startsWith("--v8-flags=")) ??
+      [];
   if (flags.length === 0) {
     throw new Error(
       `Cannot find the permission flags of the start task in ${ROOT}deno.json: expected ` +
