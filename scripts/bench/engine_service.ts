@@ -257,19 +257,13 @@ async function pacedRun(cfg: PacedRunConfig): Promise<PacedRunReport> {
 }
 
 /**
- * Figure 4. Both pipelines run flat out on file PCMs. The capture file is short: past its end the
- * `file` plugin leaves the read buffer as it was, so the last period repeats (no end is set: the
- * main thread may drop output frames when it falls behind, and only frames handed over count).
- *
- * The input worker, unpaced, plays one frame per loop turn however fast packets come — silence
- * while its playout buffer fills, concealment when it runs dry — and cannot be flow-controlled
- * from outside (the main thread does not see how far it got). The main thread therefore pushes a
- * burst of {@link SOAK_BURST} packets per timer turn (about 2.4 ms in Deno), no more than the
- * buffer holds (its depth is fixed to 8–16 frames), and sleeps in between so that it does not
- * take the worker's core. Most of each burst is decoded (a worker descheduled for a few
- * milliseconds lets the ring drop some); the worker spins through silence until the next.
- * Decoded packets are what counts. (A busy-looping pusher, or bursts near the buffer's
- * capacity, starve or overflow the buffer and little is decoded.)
+ * Figure 4. Both pipelines run flat out on file PCMs in one service with `pace: "flat"`. The
+ * capture file is short: past its end the `file` plugin leaves the read buffer as it was, so the
+ * last period repeats (no end is set; under flat pacing the output worker waits for the main
+ * thread rather than dropping). Microphone packets are pushed with {@link pushFlat}, the input
+ * worker playing one frame per packet. Checkpoints are taken when both the frames handed over and
+ * the packets decoded reach a count; a full GC first when `--expose-gc` is given, so that RSS
+ * reflects what is live plus what the heap keeps reserved.
  */
 async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
   await using dir = await tempDir("kvm-bench-engine-");
@@ -285,10 +279,8 @@ async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
     playback: "kvm_bench_playback",
     outputPreset: "ultra",
     microphonePreset: "ultra",
-    metricsIntervalMs: 100,
-    // A fixed, deep target: packets come in bursts, far faster than real time.
-    minDepth: SOAK_BURST / 2,
-    maxDepth: SOAK_BURST,
+    pace: "flat",
+    metricsIntervalMs: 250,
   });
   let handed = 0;
   service.subscribe(() => handed++);
@@ -302,16 +294,10 @@ async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
     await until("the input pipeline to run", () => service.microphoneStatus().running, 15_000);
     const deadline = t0 + cfg.timeoutSeconds * 1000;
     let next = 0;
-    let nextCheck = 0;
     while (next < cfg.checkpoints.length && performance.now() < deadline) {
-      for (let i = 0; i < SOAK_BURST; i++, pushed++) {
-        const p = packets[pushed % packets.length]!;
-        service.pushMicrophonePacket(p, pushed & 0xffff, (pushed * frame) >>> 0, "local");
-      }
-      await sleep(1);
-      const now = performance.now();
-      if (now < nextCheck) continue;
-      nextCheck = now + 20;
+      // A metrics snapshot every 500 packets (≈ 5 s of audio): the harness's own garbage stays
+      // small next to the service's.
+      pushed = await pushFlat(service, packets, frame, pushed, 500);
       json = service.metrics.toJSON();
       const decoded = counterTotal(json, DECODED);
       const target = cfg.checkpoints[next]!;
@@ -346,9 +332,6 @@ async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
     await service.close();
   }
 }
-
-/** Microphone packets pushed per timer turn in the soak. */
-const SOAK_BURST = 16;
 
 if (import.meta.main) {
   const arg = Deno.args[0];
