@@ -327,6 +327,9 @@ export class AudioService implements AsyncDisposable {
       (msg) => this.#onWorkerMessage("input", msg),
       options.supervisor,
     );
+    // Both pipelines' loss counters exist from the start (0 is news too).
+    if (this.#output) this.#t.deviceLost.labels({ pipeline: "output" });
+    if (this.#input) this.#t.deviceLost.labels({ pipeline: "input" });
     this.#writeControlWords();
   }
 
@@ -681,6 +684,15 @@ export class AudioService implements AsyncDisposable {
           kind,
           ...msg.device,
         });
+        break;
+      case "device-lost":
+        log.warn("{kind} device lost, reopening in {ms} ms: {error}", {
+          kind,
+          ms: msg.retryInMs,
+          error: msg.error,
+        });
+        p.lastDeviceError = msg.error;
+        this.#t.deviceLost.inc(1, { pipeline: kind });
         break;
       case "device-error":
         if (p.lastDeviceError !== msg.error) {

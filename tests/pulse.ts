@@ -249,3 +249,66 @@ export async function startPulse(opts: PulseOptions = {}): Promise<PulseServer> 
     throw e;
   }
 }
+
+/** Runs `pactl` against `server`; returns its output, throws with its error when it fails. */
+export async function pactl(server: string, ...args: string[]): Promise<string> {
+  const out = await new Deno.Command("pactl", {
+    args: [`--server=${server}`, ...args],
+    env: { PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin", LANG: "C" },
+    clearEnv: true,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  if (!out.success) {
+    throw new Error(`pactl ${args.join(" ")}: ${new TextDecoder().decode(out.stderr)}`);
+  }
+  return new TextDecoder().decode(out.stdout);
+}
+
+/**
+ * Kills every record stream (`"record"`: `pacmd kill-source-output`) or playback stream
+ * (`"playback"`: `kill-sink-input`) of the server's clients, as a server restart or a vanished
+ * device would:
+ * clients see their stream fail. Returns how many were killed. pacmd finds a server by the pid
+ * file in its runtime directory (a private server writes none) and talks to the CLI socket there,
+ * so both are made in a temporary directory.
+ */
+export async function killStreams(
+  pulse: PulseServer,
+  which: "record" | "playback",
+): Promise<number> {
+  const runtime = await Deno.makeTempDir({ prefix: "kvm-pacmd-" });
+  try {
+    await Deno.writeTextFile(`${runtime}/pid`, `${pulse.pid}\n`);
+    await pactl(pulse.server, "load-module", "module-cli-protocol-unix", `socket=${runtime}/cli`);
+    const [list, kill] = which === "record"
+      ? ["source-outputs", "kill-source-output"]
+      : ["sink-inputs", "kill-sink-input"];
+    // Client streams only (driver protocol-native.c): not the server's own tone generator.
+    const ids = (await pactl(pulse.server, "list", "short", list))
+      .split("\n").map((l) => l.split("\t")).filter((c) => /native/.test(c[3] ?? ""))
+      .map((c) => c[0]!).filter((id) => /^[0-9]+$/.test(id));
+    const child = new Deno.Command("pacmd", {
+      env: {
+        PATH: Deno.env.get("PATH") ?? "/usr/bin:/bin",
+        HOME: runtime,
+        PULSE_RUNTIME_PATH: runtime,
+        LANG: "C",
+      },
+      clearEnv: true,
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const w = child.stdin.getWriter();
+    await w.write(new TextEncoder().encode(ids.map((id) => `${kill} ${id}\n`).join("")));
+    await w.close();
+    const out = await child.output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    // A stream gone meanwhile only fails its own kill; no server at all is an error.
+    if (!out.success || /No PulseAudio daemon/.test(text)) throw new Error(`pacmd: ${text}`);
+    return ids.length;
+  } finally {
+    await Deno.remove(runtime, { recursive: true });
+  }
+}

@@ -140,6 +140,8 @@ export interface DeviceInfo {
 export type WorkerMessage =
   | { readonly type: "ready"; readonly device: DeviceInfo }
   | { readonly type: "device-error"; readonly error: string; readonly retryInMs: number }
+  /** The open device failed mid-stream; the worker released it and reopens it after a backoff. */
+  | { readonly type: "device-lost"; readonly error: string; readonly retryInMs: number }
   | { readonly type: "metrics"; readonly snapshot: RegistrySnapshot }
   | {
     readonly type: "preset";

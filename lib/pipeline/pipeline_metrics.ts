@@ -125,6 +125,11 @@ export function transportMetrics(r: Registry) {
     restarts: r.counter("kvm_audio_pipeline_restarts_total", "Pipeline worker restarts", [
       "pipeline",
     ]),
+    deviceLost: r.counter(
+      "kvm_audio_device_lost_total",
+      "Devices that failed mid-stream and were reopened by their worker (not a restart)",
+      ["pipeline"],
+    ),
     encodedToHanded: stage.labels({ stage: "encoded_to_handed" }),
   };
 }

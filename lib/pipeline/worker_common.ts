@@ -119,8 +119,15 @@ export function openWithRetry(
 /**
  * The device life cycle both workers share: open `device` (retrying while it is missing or
  * busy), report what it gave, run `body` on it, release it — and again if `body` returns false
- * without a stop request (e.g. after the device was lost), until stopped. Returns true when
- * `body` reported the end of a finite input.
+ * without a stop request, until stopped. Returns true when `body` reported the end of a finite
+ * input.
+ *
+ * A device error thrown by `body` (an {@link AlsaError}: the device vanished — a USB gadget
+ * unplugged by a rebooting target, a sound server's stream killed — or failed in a way its xrun
+ * recovery could not mend) is not a crash of the worker: the device is released, the loss reported
+ * as a `device-error` and the device reopened after a backoff (250 ms doubling to 5 s, back to
+ * 250 ms after a minute of good running). The supervisor, its restart count and its breaker stay
+ * for real faults of the code.
  */
 export function runDevice(
   ctl: WorkerControl,
@@ -128,11 +135,14 @@ export function runDevice(
   options: () => PcmOptions,
   body: (pcm: Pcm) => boolean,
 ): boolean {
+  let backoff = 250;
   while (!ctl.stopRequested) {
     ctl.state = "starting";
     const pcm = openWithRetry(ctl, device, options());
     if (pcm === null) break;
     ctl.holdPcm(pcm);
+    const openedAt = performance.now();
+    let lost: Error | null = null;
     try {
       post({
         type: "ready",
@@ -146,8 +156,24 @@ export function runDevice(
       });
       ctl.state = "running";
       if (body(pcm)) return true;
+    } catch (e) {
+      if (!isDeviceError(e)) throw e;
+      lost = e as Error;
     } finally {
-      ctl.releasePcm(pcm);
+      try {
+        ctl.releasePcm(pcm);
+      } catch (e) {
+        // A vanished device may refuse even its close; the handle is gone either way.
+        // deno-lint-ignore no-unsafe-finally
+        if (!isDeviceError(e)) throw e;
+      }
+    }
+    if (lost !== null) {
+      if (performance.now() - openedAt > 60_000) backoff = 250;
+      ctl.state = "waiting-for-device";
+      post({ type: "device-lost", error: lost.message, retryInMs: backoff });
+      ctl.sleep(backoff);
+      backoff = Math.min(backoff * 2, 5000);
     }
   }
   return false;
