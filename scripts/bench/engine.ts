@@ -14,7 +14,8 @@
  *      microphone packets one frame per packet as fast as `pushMicrophonePacket` feeds them (kept
  *      below the input ring's size by `microphoneBacklog`; see input_worker.ts on flat pacing).
  *      CPU is the whole process's over a window holding 60 s of audio through each pipeline,
- *      opened once both workers are loaded (worker start-up is outside it);
+ *      opened once both workers are loaded (worker start-up is outside it); the median of three
+ *      runs;
  *    - the output pipeline alone, unpaced, against the encode part of the floor.
  * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
  *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
@@ -100,6 +101,8 @@ const CHILD_FLAGS = [
   "--allow-net=127.0.0.1",
 ];
 const ULTRA = OUTPUT_PRESETS.ultra;
+/** Child runs per CPU figure; the median is reported. */
+const CPU_RUNS = 3;
 const FRAME_MS = ULTRA.frameMs;
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
@@ -374,24 +377,33 @@ async function figureCpu(
   const floor = codecFloor(signal, packets);
   const perMin = (cpu: number) => (cpu / seconds) * 60;
 
+  // Each pipeline figure is the median of RUNS child processes, as the floor is the median of
+  // its passes: one run on this shared 2-vCPU machine varies by ±15 %.
+  const median = async (input: boolean): Promise<CpuRunReport> => {
+    const runs: CpuRunReport[] = [];
+    for (let i = 0; i < CPU_RUNS; i++) {
+      runs.push(
+        await childReport<CpuRunReport>({
+          mode: "cpu",
+          capture,
+          packets: packetFile,
+          seconds,
+          warmupSeconds: input ? 2 : 0,
+          input,
+        }),
+      );
+    }
+    log(
+      `engine: ${input ? "both pipelines" : "output alone"}, ${CPU_RUNS} runs: ${
+        runs.map((r) => r.cpuSeconds.toFixed(3)).join(", ")
+      } CPU-s`,
+    );
+    return runs.sort((a, b) => a.cpuSeconds - b.cpuSeconds)[Math.floor(CPU_RUNS / 2)]!;
+  };
   log(`engine: both pipelines, ${seconds} s of audio each…`);
-  const both = await childReport<CpuRunReport>({
-    mode: "cpu",
-    capture,
-    packets: packetFile,
-    seconds,
-    warmupSeconds: 2,
-    input: true,
-  });
+  const both = await median(true);
   log("engine: output pipeline alone, unpaced…");
-  const alone = await childReport<CpuRunReport>({
-    mode: "cpu",
-    capture,
-    packets: packetFile,
-    seconds,
-    warmupSeconds: 0,
-    input: false,
-  });
+  const alone = await median(false);
   const frames = (seconds * 1000) / FRAME_MS;
   const threads = Object.entries(both.threads).filter(([, v]) => v > 0)
     .map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ");
