@@ -15,11 +15,9 @@
  */
 
 import { getLogger } from "@logtape/logtape";
-import type { MiddlewareHandler } from "hono";
-import { upgradeWebSocket } from "hono/deno";
 import type { AudioService } from "../lib/service.ts";
 import { transportMetrics } from "../lib/pipeline/pipeline_metrics.ts";
-import { frameSamples, getPreset, PRESET_NAMES } from "../lib/quality.ts";
+import { frameSamples, PRESET_NAMES } from "../lib/quality.ts";
 import {
   CloseCode,
   CloseReason,
@@ -31,20 +29,13 @@ import {
 } from "../lib/transport/ws_protocol.ts";
 import {
   answerControl,
-  type AppEnv,
-  checkField,
-  json,
   pipelineStatusBody,
-  QUALITY_BODY,
-  readJsonBody,
-  requireEnabled,
-  requireUpgrade,
   type RouteDeps,
   type RouteSpec,
   TOKEN_QUERY,
-  upgradeRefused,
 } from "./http.ts";
 import { SCHEMAS } from "./openapi.ts";
+import { pipelineRoutes } from "./pipeline_routes.ts";
 
 const log = getLogger(["kvm-audio", "talk"]);
 
@@ -269,102 +260,36 @@ export function microphoneStatus(service: AudioService, talk: TalkChannel) {
 
 /** The routes of `/api/microphone`. */
 export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
-  const isEnabled = () => service.microphoneStatus().enabled;
-  const enabled: MiddlewareHandler<AppEnv> = requireEnabled(
-    isEnabled,
-    "Cannot control the microphone pipeline: it is disabled (no playback device configured)",
-  );
-  return [
-    {
-      method: "GET",
-      path: "/api/microphone",
-      operationId: "getMicrophone",
-      summary: "Status of the microphone pipeline",
-      tag: "microphone",
-      auth: "bearer",
-      responses: { 200: json(SCHEMAS.microphoneStatus, "Microphone pipeline status") },
-      handlers: [(c) => c.json(microphoneStatus(service, talk))],
-    },
-    {
-      method: "GET",
-      path: "/api/microphone/quality",
-      operationId: "getMicrophoneQuality",
+  return pipelineRoutes({
+    resource: "microphone",
+    direction: "microphone",
+    device: "playback",
+    enabled: () => service.microphoneStatus().enabled,
+    status: () => microphoneStatus(service, talk),
+    statusSchema: SCHEMAS.microphoneStatus,
+    quality: {
+      body: () => ({
+        preset: service.microphonePreset.name,
+        allowed: PRESET_NAMES,
+        settings: service.microphonePreset,
+        send: talkHello(service),
+      }),
+      schema: SCHEMAS.microphoneQuality,
       summary: "Microphone preset and what a client should send",
       description: "`send` is what the talk stream's `hello` says: codec, channels, frame " +
         "duration, bitrate, FEC, DTX, complexity and Opus application to encode with.",
-      tag: "microphone",
-      auth: "bearer",
-      responses: { 200: json(SCHEMAS.microphoneQuality, "Microphone quality") },
-      handlers: [(c) =>
-        c.json({
-          preset: service.microphonePreset.name,
-          allowed: PRESET_NAMES,
-          settings: service.microphonePreset,
-          send: talkHello(service),
-        })],
+      setDescription: "The decoder follows whatever the packets carry, so this only changes " +
+        "what clients are told to send (`applied` is `stored` or `unchanged`); the current " +
+        "talker gets a new `hello`.",
+      set: (name) => service.setMicrophonePreset(name),
     },
-    {
-      method: "PUT",
-      path: "/api/microphone/quality",
-      operationId: "setMicrophoneQuality",
-      summary: "Choose the microphone preset",
-      description: "The decoder follows whatever the packets carry, so this only changes what " +
-        "clients are told to send (`applied` is `stored` or `unchanged`); the current talker " +
-        "gets a new `hello`.",
-      tag: "microphone",
-      auth: "bearer",
-      body: QUALITY_BODY,
-      responses: { 200: json(SCHEMAS.presetChange, "The preset and how it was applied") },
-      handlers: [async (c) => {
-        const body = await readJsonBody(c, QUALITY_BODY);
-        const preset = checkField(
-          "preset",
-          PRESET_NAMES,
-          () => getPreset("microphone", body.preset),
-        );
-        const applied = service.setMicrophonePreset(preset.name);
-        return c.json({ preset: preset.name, applied });
-      }],
-    },
-    {
-      method: "POST",
-      path: "/api/microphone/start",
-      operationId: "startMicrophone",
-      summary: "Start the microphone pipeline",
-      description: "When the crash-loop breaker is open, the pipeline is stopped first (which " +
-        "closes the breaker) and started again. 409 when the pipeline is disabled.",
-      tag: "microphone",
-      auth: "bearer",
-      responses: {
-        200: json(SCHEMAS.microphoneStatus, "Status after the start"),
-        409: json(SCHEMAS.error, "The microphone pipeline is disabled"),
-      },
-      handlers: [enabled, (c) => {
-        service.startMicrophone();
-        return c.json(microphoneStatus(service, talk));
-      }],
-    },
-    {
-      method: "POST",
-      path: "/api/microphone/stop",
-      operationId: "stopMicrophone",
-      summary: "Stop the microphone pipeline",
-      description: "A connected talker stays connected; its packets are dropped until a start.",
-      tag: "microphone",
-      auth: "bearer",
-      responses: {
-        200: json(SCHEMAS.microphoneStatus, "Status after the stop"),
-        409: json(SCHEMAS.error, "The microphone pipeline is disabled"),
-      },
-      handlers: [enabled, async (c) => {
-        await service.stopMicrophone();
-        return c.json(microphoneStatus(service, talk));
-      }],
-    },
-    {
-      method: "GET",
-      path: "/api/microphone/stream",
+    startSummary: "Start the microphone pipeline",
+    start: () => service.startMicrophone(),
+    stopDescription: "A connected talker stays connected; its packets are dropped until a start.",
+    stop: () => service.stopMicrophone(),
+    stream: {
       operationId: "talkMicrophone",
+      verb: "talk",
       summary: "Talk: a WebSocket taking Opus packets",
       description: "Upgrade to a WebSocket. The server sends a JSON `hello` saying what to send " +
         "(as `send` in GET /api/microphone/quality) and again when that changes. The client " +
@@ -373,9 +298,6 @@ export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
         "talker at a time: a second connection is closed with code 4409 (microphone busy) " +
         "unless it connects with `?takeover=1`, which closes the current talker with 4410 " +
         "(taken over). Browsers may pass the token as `?token=`.",
-      tag: "microphone",
-      auth: "bearer-or-query",
-      websocket: true,
       query: {
         ...TOKEN_QUERY,
         takeover: {
@@ -383,39 +305,15 @@ export function microphoneRoutes({ service, talk }: RouteDeps): RouteSpec[] {
           enum: ["0", "1"],
         },
       },
-      responses: {
-        101: { description: "Switching to the WebSocket protocol" },
-        409: json(SCHEMAS.error, "The microphone pipeline is disabled"),
-        426: json(SCHEMAS.error, "Not a WebSocket upgrade request"),
+      connect: (c) => {
+        const takeover = c.req.query("takeover") === "1";
+        const label = `request ${c.get("requestId")}`;
+        return {
+          open: (socket) => talk.open(socket, { takeover, label }),
+          message: (socket, data) => talk.message(socket, data),
+          closed: (socket, why) => talk.closed(socket, why),
+        };
       },
-      handlers: [
-        requireEnabled(
-          isEnabled,
-          "Cannot talk: the microphone pipeline is disabled (no playback device configured)",
-        ),
-        requireUpgrade(),
-        upgradeWebSocket((c) => {
-          const takeover = c.req.query("takeover") === "1";
-          const label = `request ${c.get("requestId")}`;
-          return {
-            onOpen(_evt, ws) {
-              const socket = ws.raw!;
-              socket.binaryType = "arraybuffer";
-              talk.open(socket, { takeover, label });
-            },
-            onMessage(evt, ws) {
-              talk.message(ws.raw!, evt.data);
-            },
-            onClose(_evt, ws) {
-              talk.closed(ws.raw!);
-            },
-            onError(_evt, ws) {
-              talk.closed(ws.raw!, "error");
-            },
-          };
-        }),
-        upgradeRefused(),
-      ],
     },
-  ];
+  });
 }

@@ -65,24 +65,24 @@ const pipeline = {
   supervisor: nullable({ type: "object", description: "The supervisor's full status" }),
 };
 
-const listenHello = object({
+/** What both streams' `hello` messages begin with. */
+const helloHead = {
   type: { const: "hello" },
   version: { const: PROTOCOL_VERSION },
   codec: { const: "opus" },
   sampleRate: { const: 48000 },
   channels: { type: "integer", enum: [1, 2] },
   frameMs: num,
+};
+
+const listenHello = object({
+  ...helloHead,
   preset: presetName,
   muted: bool,
 });
 
 const talkHello = object({
-  type: { const: "hello" },
-  version: { const: PROTOCOL_VERSION },
-  codec: { const: "opus" },
-  sampleRate: { const: 48000 },
-  channels: { type: "integer", enum: [1, 2] },
-  frameMs: num,
+  ...helloHead,
   frameSamples: int,
   preset: presetName,
   bitrate: int,

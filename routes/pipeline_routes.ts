@@ -1,0 +1,210 @@
+/**
+ * The routes both pipelines have, written once: status, quality (get and set), start, stop and
+ * the stream, under `/api/<resource>`. Each direction describes itself with a
+ * {@link PipelineRoutes} (the service calls, its preset table, the words of its messages) and
+ * adds its own routes (the output's mute).
+ *
+ * @module
+ */
+
+import type { Context } from "hono";
+import { upgradeWebSocket } from "hono/deno";
+import type { PresetChange } from "../lib/service.ts";
+import { type Direction, getPreset, PRESET_NAMES } from "../lib/quality.ts";
+import {
+  type AppEnv,
+  checkField,
+  json,
+  type JsonSchema,
+  QUALITY_BODY,
+  type QuerySpec,
+  readJsonBody,
+  requireEnabled,
+  requireUpgrade,
+  type RouteSpec,
+  upgradeRefused,
+} from "./http.ts";
+import { SCHEMAS } from "./openapi.ts";
+
+/** One direction's part of the shared routes. */
+export interface PipelineRoutes {
+  /** Path segment and OpenAPI tag: the routes live under `/api/<resource>`. */
+  readonly resource: "audio" | "microphone";
+  /** The pipeline (and its preset table): "the output pipeline" in messages. */
+  readonly direction: Direction;
+  /** The device the pipeline needs, for the 409 messages ("no capture device configured"). */
+  readonly device: "capture" | "playback";
+  /** Whether the pipeline is enabled (else start, stop and the stream answer 409). */
+  readonly enabled: () => boolean;
+  /** The status body (`GET /api/<resource>`, and the answer of start and stop). */
+  readonly status: () => unknown;
+  readonly statusSchema: JsonSchema;
+  readonly quality: {
+    /** The body of `GET …/quality`. */
+    readonly body: () => unknown;
+    readonly schema: JsonSchema;
+    /** Summary and description of `GET …/quality`. */
+    readonly summary: string;
+    readonly description: string;
+    /** Description of `PUT …/quality`. */
+    readonly setDescription: string;
+    /** Applies a preset (a valid name). */
+    readonly set: (name: string) => PresetChange;
+  };
+  /** Summary of `POST …/start`. */
+  readonly startSummary: string;
+  readonly start: () => void;
+  /** Description of `POST …/stop`. */
+  readonly stopDescription: string;
+  readonly stop: () => Promise<void>;
+  /** Routes between the quality routes and start (the output's mute). */
+  readonly extra?: readonly RouteSpec[];
+  /** `GET …/stream`, the WebSocket. */
+  readonly stream: {
+    readonly operationId: string;
+    /** What the client does: "listen" or "talk" (in the 409 message). */
+    readonly verb: string;
+    readonly summary: string;
+    readonly description: string;
+    readonly query: Readonly<Record<string, QuerySpec>>;
+    /** What serves one upgraded connection of request `c`. */
+    readonly connect: (c: Context<AppEnv>) => StreamPeer;
+  };
+}
+
+/** What serves a stream connection (its socket is in `arraybuffer` mode). */
+export interface StreamPeer {
+  open(socket: WebSocket): void;
+  message(socket: WebSocket, data: unknown): void;
+  /** The socket closed, or failed (`"error"`, a connection drop). */
+  closed(socket: WebSocket, why?: "error"): void;
+}
+
+const capitalized = (s: string) => s[0]!.toUpperCase() + s.slice(1);
+
+/** The routes of one pipeline, from its description. */
+export function pipelineRoutes(p: PipelineRoutes): RouteSpec[] {
+  const base = `/api/${p.resource}`;
+  const name = capitalized(p.resource);
+  const pipeline = `${p.direction} pipeline`;
+  const missing = `no ${p.device} device configured`;
+  const enabled = requireEnabled(
+    p.enabled,
+    `Cannot control the ${pipeline}: it is disabled (${missing})`,
+  );
+  const disabled = json(SCHEMAS.error, `The ${pipeline} is disabled`);
+  const common = { tag: p.resource, auth: "bearer" } as const;
+  return [
+    {
+      method: "GET",
+      path: base,
+      operationId: `get${name}`,
+      summary: `Status of the ${pipeline}`,
+      ...common,
+      responses: { 200: json(p.statusSchema, `${capitalized(pipeline)} status`) },
+      handlers: [(c) => c.json(p.status())],
+    },
+    {
+      method: "GET",
+      path: `${base}/quality`,
+      operationId: `get${name}Quality`,
+      summary: p.quality.summary,
+      description: p.quality.description,
+      ...common,
+      responses: { 200: json(p.quality.schema, `${capitalized(p.direction)} quality`) },
+      handlers: [(c) => c.json(p.quality.body())],
+    },
+    {
+      method: "PUT",
+      path: `${base}/quality`,
+      operationId: `set${name}Quality`,
+      summary: `Choose the ${p.direction} preset`,
+      description: p.quality.setDescription,
+      ...common,
+      body: QUALITY_BODY,
+      responses: { 200: json(SCHEMAS.presetChange, "The preset and how it was applied") },
+      handlers: [async (c) => {
+        const body = await readJsonBody(c, QUALITY_BODY);
+        const preset = checkField(
+          "preset",
+          PRESET_NAMES,
+          () => getPreset(p.direction, body.preset),
+        );
+        const applied = p.quality.set(preset.name);
+        return c.json({ preset: preset.name, applied });
+      }],
+    },
+    ...(p.extra ?? []),
+    {
+      method: "POST",
+      path: `${base}/start`,
+      operationId: `start${name}`,
+      summary: p.startSummary,
+      description: "When the crash-loop breaker is open, the pipeline is stopped first (which " +
+        "closes the breaker) and started again. 409 when the pipeline is disabled.",
+      ...common,
+      responses: { 200: json(p.statusSchema, "Status after the start"), 409: disabled },
+      handlers: [enabled, (c) => {
+        // A supervisor ignores a start while its breaker is open; a stop closes the breaker.
+        p.start();
+        return c.json(p.status());
+      }],
+    },
+    {
+      method: "POST",
+      path: `${base}/stop`,
+      operationId: `stop${name}`,
+      summary: `Stop the ${pipeline}`,
+      description: p.stopDescription,
+      ...common,
+      responses: { 200: json(p.statusSchema, "Status after the stop"), 409: disabled },
+      handlers: [enabled, async (c) => {
+        await p.stop();
+        return c.json(p.status());
+      }],
+    },
+    {
+      method: "GET",
+      path: `${base}/stream`,
+      operationId: p.stream.operationId,
+      summary: p.stream.summary,
+      description: p.stream.description,
+      tag: p.resource,
+      auth: "bearer-or-query",
+      websocket: true,
+      query: p.stream.query,
+      responses: {
+        101: { description: "Switching to the WebSocket protocol" },
+        409: disabled,
+        426: json(SCHEMAS.error, "Not a WebSocket upgrade request"),
+      },
+      handlers: [
+        requireEnabled(
+          p.enabled,
+          `Cannot ${p.stream.verb}: the ${pipeline} is disabled (${missing})`,
+        ),
+        requireUpgrade(),
+        upgradeWebSocket((c) => {
+          const peer = p.stream.connect(c);
+          return {
+            onOpen(_evt, ws) {
+              const socket = ws.raw!;
+              socket.binaryType = "arraybuffer";
+              peer.open(socket);
+            },
+            onMessage(evt, ws) {
+              peer.message(ws.raw!, evt.data);
+            },
+            onClose(_evt, ws) {
+              peer.closed(ws.raw!);
+            },
+            onError(_evt, ws) {
+              peer.closed(ws.raw!, "error");
+            },
+          };
+        }),
+        upgradeRefused(),
+      ],
+    },
+  ];
+}
