@@ -16,77 +16,30 @@
  */
 
 import assert from "node:assert/strict";
-import v8 from "node:v8";
-import vm from "node:vm";
-import { OPUS_MAX_PACKET, OpusEncoder } from "../ffi/opus.ts";
+import { OPUS_MAX_PACKET } from "../ffi/opus.ts";
 import { INPUT_RING } from "../lib/pipeline/messages.ts";
 import { transportMetrics } from "../lib/pipeline/pipeline_metrics.ts";
-import { encoderSettings, MICROPHONE_PRESETS } from "../lib/quality.ts";
-import type { Registry } from "../lib/metrics.ts";
 import { AudioService, refreshSupervisorMetrics } from "../lib/service.ts";
 import type { HubOptions, ListenerStats } from "../lib/transport/hub.ts";
 import { CloseCode, encodeFrame, HEADER_BYTES } from "../lib/transport/ws_protocol.ts";
 import { createApp } from "../routes/app.ts";
 import { useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
-import { prng, tempDir, tone } from "./audio_util.ts";
+import { tempDir, tone } from "./audio_util.ts";
+import {
+  concat,
+  counter,
+  fuzzRandom,
+  garbageCollector,
+  micPackets,
+  rawWebSocket,
+  serveApp,
+  sleep,
+  until,
+} from "./net_util.ts";
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(
-  what: string,
-  cond: () => boolean | Promise<boolean>,
-  timeoutMs = 20_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
-
-type Json = ReturnType<Registry["toJSON"]>;
-
-/** Sum of a counter's series whose label set contains `label` (all series when omitted). */
-function counter(json: Json, name: string, label?: string): number {
-  const v = json.counters[name];
-  if (v === undefined) return 0;
-  if (typeof v === "number") return label === undefined ? v : 0;
-  return Object.entries(v)
-    .filter(([k]) => label === undefined || k.includes(label))
-    .reduce((a, [, n]) => a + n, 0);
-}
-
-/** A real server on 127.0.0.1 over `service`; aborting closes streams and the server. */
+/** A real server on 127.0.0.1 over `service`; disposing it closes streams and the server. */
 function serve(service: AudioService, hub: HubOptions = {}) {
-  const ac = new AbortController();
-  const app = createApp(service, { hub, signal: ac.signal });
-  const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
-    app.fetch,
-  );
-  return {
-    app,
-    url: (path: string) => `ws://127.0.0.1:${server.addr.port}${path}`,
-    port: server.addr.port,
-    async [Symbol.asyncDispose]() {
-      ac.abort();
-      await server.finished;
-    },
-  };
-}
-
-/**
- * A full garbage collection (V8's `gc`, exposed by setting `--expose-gc` at run time through
- * `node:v8`), or null where the runtime does not allow it.
- */
-function garbageCollector(): (() => void) | null {
-  try {
-    v8.setFlagsFromString("--expose-gc");
-    const gc: unknown = vm.runInNewContext("gc");
-    return typeof gc === "function" ? gc as () => void : null;
-  } catch {
-    return null;
-  }
+  return serveApp((signal) => createApp(service, { hub, signal }));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,25 +115,8 @@ class StalledPeer {
   }
 
   static async connect(port: number, path: string): Promise<StalledPeer> {
-    const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-    await conn.write(new TextEncoder().encode(
-      `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n` +
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-        "Sec-WebSocket-Version: 13\r\n\r\n",
-    ));
-    let got = new Uint8Array(0);
-    const chunk = new Uint8Array(4096);
-    for (;;) {
-      const n = await conn.read(chunk);
-      assert.ok(n !== null, "the server answered the upgrade");
-      got = concat(got, chunk.subarray(0, n));
-      const text = new TextDecoder().decode(got);
-      const end = text.indexOf("\r\n\r\n");
-      if (end < 0) continue;
-      assert.match(text, /^HTTP\/1\.1 101 /);
-      // The head is ASCII: its character count is its byte count.
-      return new StalledPeer(conn, got.slice(end + 4));
-    }
+    const { conn, rest } = await rawWebSocket(port, path);
+    return new StalledPeer(conn, rest);
   }
 
   /** Sends a ping whose id is `bytes` long (its pong is as long), and does not read the pong. */
@@ -221,13 +157,6 @@ class StalledPeer {
       // Closed already (by the read timeout).
     }
   }
-}
-
-function concat(a: Uint8Array, b: Uint8Array): Uint8Array<ArrayBuffer> {
-  const out = new Uint8Array(a.length + b.length);
-  out.set(a);
-  out.set(b, a.length);
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,23 +557,9 @@ Deno.test("talk stream survives 10⁵ random and mutated messages and accounts f
   await until("the hello", () => hellos === 1);
 
   // Valid packets to mutate: what the microphone preset asks for, encoding a tone.
-  const p = MICROPHONE_PRESETS.high;
-  using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
-  const pcm = tone({ freq: 440, frames: 48000, amplitude: 0.3 });
-  const opus: Uint8Array[] = [];
-  const obuf = new Uint8Array(1500);
-  for (let i = 0; i < 50; i++) {
-    const n = enc.encode(pcm.subarray(i * 960, (i + 1) * 960), 960, obuf);
-    opus.push(obuf.slice(0, n));
-  }
+  const opus = micPackets("high", tone({ freq: 440, frames: 48000, amplitude: 0.3 }));
 
-  const rnd = prng(4321);
-  const int = (n: number) => Math.floor(rnd() * n);
-  const randomBytes = (n: number) => {
-    const b = new Uint8Array(n);
-    for (let i = 0; i < n; i++) b[i] = int(256);
-    return b;
-  };
+  const { rnd, int, randomBytes } = fuzzRandom(4321);
   let seq = 0, ts = 0;
   const valid = () => {
     seq = (seq + 1) >>> 0;

@@ -13,11 +13,8 @@
  */
 
 import assert from "node:assert/strict";
-import dgram from "node:dgram";
-import { OpusEncoder } from "../ffi/opus.ts";
 import type { MetricsJson } from "../lib/metrics.ts";
 import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
-import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
 import { AudioService, type EncodedFrame, type FrameListener } from "../lib/service.ts";
 import { RtpReceiver, RtpSender, writeRtp } from "../lib/transport/rtp.ts";
 import { encodeFrame } from "../lib/transport/ws_protocol.ts";
@@ -25,6 +22,16 @@ import { createApp } from "../routes/app.ts";
 import { TalkChannel } from "../routes/microphone.ts";
 import { SELF_CONTAINED_ALSA, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { tempDir, tone } from "./audio_util.ts";
+import {
+  micPackets,
+  rawWebSocket,
+  serveApp,
+  sleep,
+  udpSender,
+  udpSink,
+  until as poll,
+  WsClient,
+} from "./net_util.ts";
 import { killStreams, startPulse } from "./pulse.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -117,8 +124,6 @@ const IGNORE = SELF_CONTAINED_ALSA || Deno.env.get("KVM_AUDIO_TEST_EMULATED") ==
 // ---------------------------------------------------------------------------------------------
 // Reading series.
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 function splitKey(key: string): [string, string] {
   const i = key.indexOf("{");
   return i < 0 ? [key, ""] : [key.slice(0, i), key.slice(i + 1, -1)];
@@ -183,13 +188,9 @@ function valueOf(service: AudioService, key: string): number {
 /** Keys proven to move, with what was seen. */
 const proven = new Map<string, string>();
 
-async function until(what: string, cond: () => boolean, timeoutMs = 15_000): Promise<void> {
-  const deadline = performance.now() + timeoutMs;
-  while (!cond()) {
-    if (performance.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
+/** {@link poll} for 15 s unless told. */
+const until = (what: string, cond: () => boolean, timeoutMs = 15_000) =>
+  poll(what, cond, timeoutMs);
 
 function prove(key: string, seen: string): void {
   assert.ok(key in COVERED, `${key} is proven but not listed in COVERED`);
@@ -242,78 +243,6 @@ async function recordExposed(where: string, app: ReturnType<typeof createApp>): 
 
 // ---------------------------------------------------------------------------------------------
 // Drivers.
-
-/** A real server on 127.0.0.1 over `app`; aborting the signal closes streams and the server. */
-function serve(app: ReturnType<typeof createApp>, ac: AbortController) {
-  const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
-    app.fetch,
-  );
-  return {
-    port: server.addr.port,
-    url: (path: string) => `ws://127.0.0.1:${server.addr.port}${path}`,
-    async [Symbol.asyncDispose]() {
-      ac.abort();
-      await server.finished;
-    },
-  };
-}
-
-/** A WebSocket client that counts binary messages and keeps text ones. */
-class Client {
-  readonly ws: WebSocket;
-  readonly texts: string[] = [];
-  binary = 0;
-  readonly opened: Promise<void>;
-  readonly closed: Promise<void>;
-  constructor(url: string) {
-    this.ws = new WebSocket(url);
-    this.ws.binaryType = "arraybuffer";
-    this.opened = new Promise((resolve, reject) => {
-      this.ws.addEventListener("open", () => resolve(), { once: true });
-      this.ws.addEventListener("error", () => reject(new Error(`Cannot open ${url}`)), {
-        once: true,
-      });
-    });
-    this.opened.catch(() => {});
-    this.closed = new Promise((r) => this.ws.addEventListener("close", () => r(), { once: true }));
-    this.ws.addEventListener("message", (e) => {
-      if (typeof e.data === "string") this.texts.push(e.data);
-      else this.binary++;
-    });
-  }
-  async [Symbol.asyncDispose](): Promise<void> {
-    if (this.ws.readyState <= WebSocket.OPEN) this.ws.close();
-    await this.closed;
-  }
-}
-
-/** A UDP socket on 127.0.0.1 that counts what it receives. */
-async function udpSink() {
-  const socket = dgram.createSocket("udp4");
-  const sink = {
-    port: 0,
-    count: 0,
-    close: () => new Promise<void>((r) => socket.close(() => r())),
-  };
-  socket.on("message", () => sink.count++);
-  await new Promise<void>((r) => socket.bind(0, "127.0.0.1", () => r()));
-  sink.port = socket.address().port;
-  return sink;
-}
-
-/** Real Opus packets of the microphone preset `name` encoding `pcm` (mono, 48 kHz). */
-function micPackets(name: "high" | "low", pcm: Int16Array): Uint8Array[] {
-  const p = MICROPHONE_PRESETS[name];
-  const frame = frameSamples(p);
-  using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
-  const buf = new Uint8Array(1500);
-  const out: Uint8Array[] = [];
-  for (let i = 0; i + frame <= pcm.length; i += frame) {
-    out.push(buf.slice(0, enc.encode(pcm.subarray(i, i + frame), frame, buf)));
-  }
-  return out;
-}
 
 /**
  * Sends microphone packets through `pushMicrophonePacket` on the wall clock. Timestamps follow
@@ -391,13 +320,13 @@ Deno.test({
       const ac = new AbortController();
       const app = createApp(service, { signal: ac.signal });
       {
-        await using server = serve(app, ac);
+        await using server = serveApp(app, ac);
         service.start();
 
         // --- Output pipeline and its transports.
-        await using listener = new Client(server.url("/api/audio/stream"));
+        await using listener = new WsClient(server.url("/api/audio/stream"));
         await listener.opened;
-        const sink = await udpSink();
+        const sink = await udpSink({ keep: false });
         const rtp = await RtpSender.open(service, { destinations: [`127.0.0.1:${sink.port}`] });
         // The loopback broadcast address: never leaves the host, the kernel refuses (EACCES).
         const refused = await RtpSender.open(service, {
@@ -449,7 +378,7 @@ Deno.test({
           const dtx = silence.filter((p) => p.length <= 2);
           assert.ok(dtx.length > 0, "libopus produced DTX packets");
           const listeners = new Set<FrameListener>();
-          const dtxSink = await udpSink();
+          const dtxSink = await udpSink({ keep: false });
           const sender = await RtpSender.open({
             metrics: service.metrics,
             subscribe(l: FrameListener) {
@@ -626,10 +555,8 @@ Deno.test({
         // --- RTP in: a valid packet, a runt, an RTCP receiver report.
         {
           const receiver = await RtpReceiver.listen(service, { port: 0 });
-          const socket = dgram.createSocket("udp4");
-          await new Promise<void>((r) => socket.bind(0, "127.0.0.1", () => r()));
-          const send = (b: Uint8Array) =>
-            new Promise<void>((r) => socket.send(b, receiver.port, "127.0.0.1", () => r()));
+          const socket = await udpSender();
+          const send = (b: Uint8Array) => socket.send(b, receiver.port);
           try {
             await send(writeRtp({ payloadType: 111, sequence: 7, timestamp: 960, ssrc: 9 }, good));
             await send(new Uint8Array([0x80, 111, 0]));
@@ -638,14 +565,14 @@ Deno.test({
             await moved(service, 'kvm_audio_input_packets_malformed_total{reason="rtp"}');
             await moved(service, "kvm_audio_rtp_rtcp_ignored_total");
           } finally {
-            await new Promise<void>((r) => socket.close(() => r()));
+            await socket.close();
             await receiver.close();
           }
         }
 
         // --- The talk stream: a good frame and each malformed kind.
         {
-          await using talker = new Client(server.url("/api/microphone/stream"));
+          await using talker = new WsClient(server.url("/api/microphone/stream"));
           await talker.opened;
           await until("the talk hello", () => talker.texts.length >= 1);
           talker.ws.send(encodeFrame({ flags: 0, channels: 1, seq: 5, timestamp: 0 }, good));
@@ -708,23 +635,15 @@ Deno.test({
           signal: ac.signal,
         });
         {
-          await using server = serve(app, ac);
+          await using server = serveApp(app, ac);
           // The stalled peer: a raw TCP connection that does the handshake and never reads again.
-          const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
-          const sink = await udpSink();
+          const { conn } = await rawWebSocket(server.port, "/api/audio/stream");
+          const sink = await udpSink({ keep: false });
           const rtp = await RtpSender.open(service, {
             destinations: [`127.0.0.1:${sink.port}`],
             maxQueued: 1,
           });
           try {
-            await conn.write(new TextEncoder().encode(
-              "GET /api/audio/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-                "Sec-WebSocket-Version: 13\r\n\r\n",
-            ));
-            const head = new Uint8Array(1024);
-            const n = await conn.read(head);
-            assert.match(new TextDecoder().decode(head.subarray(0, n ?? 0)), /^HTTP\/1\.1 101/);
             service.start();
             await moved(service, 'kvm_audio_frames_dropped_total{reason="rtp_backlog"}', 30_000);
             await moved(service, 'kvm_audio_frames_dropped_total{reason="listener_slow"}', 30_000);

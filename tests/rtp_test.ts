@@ -1,8 +1,5 @@
 import assert from "node:assert/strict";
 import dgram from "node:dgram";
-import v8 from "node:v8";
-import vm from "node:vm";
-import { OpusEncoder } from "../ffi/opus.ts";
 import { Registry } from "../lib/metrics.ts";
 import {
   AudioService,
@@ -10,7 +7,7 @@ import {
   type FrameListener,
   refreshSupervisorMetrics,
 } from "../lib/service.ts";
-import { encoderSettings, MICROPHONE_PRESETS, OUTPUT_PRESETS } from "../lib/quality.ts";
+import { OUTPUT_PRESETS } from "../lib/quality.ts";
 import {
   addressScope,
   DEFAULT_OPUS_PAYLOAD_TYPE,
@@ -25,21 +22,17 @@ import {
 } from "../lib/transport/rtp.ts";
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
-import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-type Json = ReturnType<Registry["toJSON"]>;
-
-/** Sum of a counter's series whose label set contains `label` (all series when omitted). */
-function counter(json: Json, name: string, label?: string): number {
-  const v = json.counters[name];
-  if (v === undefined) return 0;
-  if (typeof v === "number") return label === undefined ? v : 0;
-  return Object.entries(v)
-    .filter(([k]) => label === undefined || k.includes(label))
-    .reduce((a, [, n]) => a + n, 0);
-}
+import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import {
+  counter,
+  fuzzRandom,
+  garbageCollector,
+  micPackets,
+  sleep,
+  udpSender,
+  udpSink,
+  until,
+} from "./net_util.ts";
 
 function rtpOk(data: Uint8Array, payloadType?: number | null): RtpPacket {
   const r = readRtp(data, payloadType === undefined ? {} : { payloadType });
@@ -88,46 +81,9 @@ async function freePortPair(): Promise<number> {
   throw new Error("Cannot find a free UDP port pair on 127.0.0.1");
 }
 
-/** A UDP socket on 127.0.0.1 that keeps every datagram it receives. */
-async function udpSink(): Promise<
-  { port: number; datagrams: Uint8Array[]; close(): Promise<void> }
-> {
-  const socket = dgram.createSocket("udp4");
-  const datagrams: Uint8Array[] = [];
-  socket.on("message", (m: Uint8Array) => datagrams.push(new Uint8Array(m)));
-  await new Promise<void>((r) => socket.bind(0, "127.0.0.1", () => r()));
-  return {
-    port: socket.address().port,
-    datagrams,
-    close: () => new Promise<void>((r) => socket.close(() => r())),
-  };
-}
-
-/**
- * A full garbage collection (V8's `gc`, exposed by setting `--expose-gc` at run time through
- * `node:v8`), or null where the runtime does not allow it.
- */
-function garbageCollector(): (() => void) | null {
-  try {
-    v8.setFlagsFromString("--expose-gc");
-    const gc: unknown = vm.runInNewContext("gc");
-    return typeof gc === "function" ? gc as () => void : null;
-  } catch {
-    return null;
-  }
-}
-
-async function waitFor(
-  what: string,
-  ok: () => boolean | Promise<boolean>,
-  timeoutMs = 10000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await ok())) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(10);
-  }
-}
+/** {@link until} polling every 10 ms, for 10 s unless told. */
+const waitFor = (what: string, ok: () => boolean | Promise<boolean>, timeoutMs = 10_000) =>
+  until(what, ok, timeoutMs, 10);
 
 function ffmpeg(args: string[]): Deno.ChildProcess {
   return new Deno.Command("ffmpeg", {
@@ -746,27 +702,12 @@ Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for eve
   });
   service.start();
   const receiver = await RtpReceiver.listen(service, { port: 0, payloadType: 111 });
-  const socket = dgram.createSocket("udp4");
-  await new Promise<void>((r) => socket.bind(0, "127.0.0.1", () => r()));
+  const socket = await udpSender();
 
   // Valid Opus packets to mutate: a voice preset's output for a tone.
-  const p = MICROPHONE_PRESETS.high;
-  using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
-  const pcm = tone({ freq: 440, frames: 48000, amplitude: 0.3 });
-  const opus: Uint8Array[] = [];
-  const obuf = new Uint8Array(1500);
-  for (let i = 0; i < 50; i++) {
-    const n = enc.encode(pcm.subarray(i * 960, (i + 1) * 960), 960, obuf);
-    opus.push(obuf.slice(0, n));
-  }
+  const opus = micPackets("high", tone({ freq: 440, frames: 48000, amplitude: 0.3 }));
 
-  const rnd = prng(1234);
-  const int = (n: number) => Math.floor(rnd() * n);
-  const randomBytes = (n: number) => {
-    const b = new Uint8Array(n);
-    for (let i = 0; i < n; i++) b[i] = int(256);
-    return b;
-  };
+  const { rnd, int, randomBytes } = fuzzRandom(1234);
   let seq = 0, ts = 0;
   const valid = () => {
     seq = (seq + 1) & 0xffff;
@@ -831,10 +772,7 @@ Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for eve
   const total = 100_000;
   const batch = 64;
   let sent = 0;
-  const sendOne = (b: Uint8Array) =>
-    new Promise<void>((resolve, reject) =>
-      socket.send(b, receiver.port, "127.0.0.1", (e) => (e ? reject(e) : resolve()))
-    );
+  const sendOne = (b: Uint8Array) => socket.send(b, receiver.port);
   const run = async (count: number) => {
     for (let i = 0; i < count; i += batch) {
       const n = Math.min(batch, count - i);
@@ -863,7 +801,7 @@ Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for eve
 
   const stats = receiver.stats;
   await receiver.close();
-  await new Promise<void>((r) => socket.close(() => r()));
+  await socket.close();
   const status = service.microphoneStatus();
   await sleep(300);
   refreshSupervisorMetrics(service);

@@ -17,20 +17,7 @@ import {
 import { createApp } from "../routes/app.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(
-  what: string,
-  cond: () => boolean | Promise<boolean>,
-  timeoutMs = 20_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
+import { rawWebSocket, serveApp, sleep, until, WsClient } from "./net_util.ts";
 
 type Json = ReturnType<Registry["toJSON"]>;
 
@@ -40,72 +27,9 @@ function labelled(json: Json, name: string, label: string): number {
   return Object.entries(v).filter(([k]) => k === label).reduce((a, [, n]) => a + n, 0);
 }
 
-/** A real server on 127.0.0.1 over `service`; aborting closes streams and the server. */
-function serve(
-  service: AudioService,
-  opts: { token?: string; hub?: HubOptions } = {},
-) {
-  const ac = new AbortController();
-  const app = createApp(service, { ...opts, signal: ac.signal });
-  const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, signal: ac.signal, onListen() {} },
-    app.fetch,
-  );
-  return {
-    app,
-    url: (path: string) => `ws://127.0.0.1:${server.addr.port}${path}`,
-    http: (path: string) => `http://127.0.0.1:${server.addr.port}${path}`,
-    port: server.addr.port,
-    async [Symbol.asyncDispose]() {
-      ac.abort();
-      await server.finished;
-    },
-  };
-}
-
-/** A WebSocket client that records everything it receives. */
-class Client {
-  readonly ws: WebSocket;
-  readonly texts: unknown[] = [];
-  /** Every message in order: parsed JSON or the binary bytes. */
-  readonly messages: (Record<string, unknown> | Uint8Array)[] = [];
-  readonly opened: Promise<void>;
-  readonly closed: Promise<CloseEvent>;
-
-  constructor(url: string) {
-    this.ws = new WebSocket(url);
-    this.ws.binaryType = "arraybuffer";
-    this.opened = new Promise((resolve, reject) => {
-      this.ws.addEventListener("open", () => resolve(), { once: true });
-      this.ws.addEventListener("error", () => reject(new Error(`Cannot open ${url}`)), {
-        once: true,
-      });
-    });
-    this.opened.catch(() => {});
-    this.closed = new Promise((resolve) => {
-      this.ws.addEventListener("close", (e) => resolve(e), { once: true });
-    });
-    this.ws.addEventListener("message", (e) => {
-      if (typeof e.data === "string") {
-        const v = JSON.parse(e.data);
-        this.texts.push(v);
-        this.messages.push(v);
-      } else this.messages.push(new Uint8Array(e.data as ArrayBuffer));
-    });
-  }
-
-  get packets(): Uint8Array[] {
-    return this.messages.filter((m): m is Uint8Array => m instanceof Uint8Array);
-  }
-
-  async close(): Promise<CloseEvent> {
-    if (this.ws.readyState <= WebSocket.OPEN) this.ws.close();
-    return await this.closed;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    await this.close();
-  }
+/** A real server on 127.0.0.1 over `service`; disposing it closes streams and the server. */
+function serve(service: AudioService, opts: { token?: string; hub?: HubOptions } = {}) {
+  return serveApp((signal) => createApp(service, { ...opts, signal }));
 }
 
 async function captureService(
@@ -388,7 +312,7 @@ Deno.test("listen stream: hello, then packets that decode to the captured tone",
   using _cfg = useAlsaConfig(cfg);
   await using service = make();
   await using server = serve(service);
-  await using client = new Client(server.url("/api/audio/stream"));
+  await using client = new WsClient(server.url("/api/audio/stream"));
   await client.opened;
   await until("the hello", () => client.messages.length >= 1);
   assert.deepEqual(client.messages[0], {
@@ -448,10 +372,10 @@ Deno.test("listen stream: preset and mute changes through the API send a hello b
   await using service = make();
   await using server = serve(service, { token: "tok-123" });
   // Browsers pass the token in the query; without it the upgrade is refused.
-  const refused = new Client(server.url("/api/audio/stream"));
+  const refused = new WsClient(server.url("/api/audio/stream"));
   await assert.rejects(refused.opened);
   await refused.closed;
-  await using client = new Client(server.url("/api/audio/stream?token=tok-123"));
+  await using client = new WsClient(server.url("/api/audio/stream?token=tok-123"));
   await client.opened;
   service.start();
   const put = async (path: string, body: unknown) => {
@@ -512,7 +436,7 @@ Deno.test("talk stream: a talker's packets play as the tone", async () => {
   let sent = 0;
   {
     await using server = serve(service);
-    await using client = new Client(server.url("/api/microphone/stream"));
+    await using client = new WsClient(server.url("/api/microphone/stream"));
     await client.opened;
     await until("the hello", () => client.texts.length >= 1);
     const hello = client.texts[0] as TalkHello;
@@ -572,12 +496,12 @@ Deno.test("talk stream: one talker at a time, takeover, malformed messages count
   });
   service.start();
   await using server = serve(service);
-  await using first = new Client(server.url("/api/microphone/stream"));
+  await using first = new WsClient(server.url("/api/microphone/stream"));
   await first.opened;
   await until("the hello", () => first.texts.length === 1);
 
   // A second talker is refused with a clear close code and reason.
-  const second = new Client(server.url("/api/microphone/stream"));
+  const second = new WsClient(server.url("/api/microphone/stream"));
   const refusal = await second.closed;
   assert.equal(refusal.code, CloseCode.busy);
   assert.equal(refusal.reason, "microphone busy");
@@ -613,7 +537,7 @@ Deno.test("talk stream: one talker at a time, takeover, malformed messages count
   assert.equal(status.talker.badText, 2);
 
   // Takeover: the current talker is closed with 4410, the new one gets the hello.
-  await using third = new Client(server.url("/api/microphone/stream?takeover=1"));
+  await using third = new WsClient(server.url("/api/microphone/stream?takeover=1"));
   await third.opened;
   const taken = await first.closed;
   assert.equal(taken.code, CloseCode.takenOver);
@@ -660,18 +584,9 @@ Deno.test("listen stream: a stalled TCP peer is dropped-oldest and closed; a hea
   await using server = serve(service, { hub: { maxQueue: 50, closeAfterMs: 300 } });
 
   // The stalled peer: a raw TCP connection that does the handshake and never reads again.
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  const { conn } = await rawWebSocket(server.port, "/api/audio/stream");
   try {
-    await conn.write(new TextEncoder().encode(
-      "GET /api/audio/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-        "Sec-WebSocket-Version: 13\r\n\r\n",
-    ));
-    const head = new Uint8Array(1024);
-    const n = await conn.read(head);
-    assert.match(new TextDecoder().decode(head.subarray(0, n ?? 0)), /^HTTP\/1\.1 101/);
-
-    await using healthy = new Client(server.url("/api/audio/stream"));
+    await using healthy = new WsClient(server.url("/api/audio/stream"));
     await healthy.opened;
     const status = async () => await (await server.app.request("/api/audio")).json();
     await until("two listeners", async () => (await status()).listeners === 2);
