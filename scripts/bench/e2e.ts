@@ -141,6 +141,7 @@ const ULTRA = OUTPUT_PRESETS.ultra;
 const SERVICE_FLAGS = [
   "--no-prompt",
   `--v8-flags=${V8_FLAGS.join(",")}`,
+  "--unstable-net",
   "--allow-ffi",
   "--allow-read",
   "--allow-write",

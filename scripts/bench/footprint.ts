@@ -103,14 +103,14 @@ function freePort(): number {
   return port;
 }
 
-/** The `--allow-*` and `--v8-flags` of `deno task start` (deno.json): the service runs as deployed. */
+/** The `--allow-*`, `--v8-flags` and `--unstable-*` of `deno task start`: the service as deployed. */
 async function startPermissions(): Promise<string[]> {
   const json = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`)) as {
     tasks?: Record<string, string>;
   };
   const task = json.tasks?.["start"];
   const flags =
-    task?.split(/\s+/).filter((a) => a.startsWith("--allow-") || a.startsWith("--v8-flags=")) ??
+    task?.split(/\s+/).filter((a) => a.startsWith("--allow-") || a.startsWith("--v8-flags=") || a.startsWith("--unstable")) ??
       [];
   if (flags.length === 0) {
     throw new Error(
