@@ -110,7 +110,9 @@ async function startPermissions(): Promise<string[]> {
   };
   const task = json.tasks?.["start"];
   const flags =
-    task?.split(/\s+/).filter((a) => a.startsWith("--allow-") || a.startsWith("--v8-flags=") || a.startsWith("--unstable")) ??
+    task?.split(/\s+/).filter((a) =>
+      a.startsWith("--allow-") || a.startsWith("--v8-flags=") || a.startsWith("--unstable")
+    ) ??
       [];
   if (flags.length === 0) {
     throw new Error(
