@@ -993,6 +993,9 @@ export class RtpReceiver implements AsyncDisposable {
    * @throws {TypeError} / {RangeError} for a bad option
    * @throws {Error} when the port cannot be bound (the socket error as `cause`)
    */
+  // Async with nothing to await since the socket is Deno's: kept so that every failure (a bad
+  // option, a port in use) is a rejection, as callers and tests expect.
+  // deno-lint-ignore require-await
   static async listen(sink: MicrophoneSink, options: RtpReceiverOptions): Promise<RtpReceiver> {
     const port = options?.port;
     if (typeof port !== "number" || !Number.isInteger(port) || port < 0 || port > 65535) {
