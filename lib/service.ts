@@ -18,7 +18,7 @@ import { getLogger } from "@logtape/logtape";
 import { Pcm } from "../ffi/alsa.ts";
 import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../ffi/opus.ts";
 import { FrameRing, type ReadSlot } from "./frame_ring.ts";
-import { type CounterSeries, Registry } from "./metrics.ts";
+import { Registry } from "./metrics.ts";
 import {
   CONTROL,
   type DeviceInfo,
@@ -237,7 +237,7 @@ export class AudioService implements AsyncDisposable {
         websocket: t.received.labels({ transport: "websocket" }),
         rtp: t.received.labels({ transport: "rtp" }),
         local: t.received.labels({ transport: "local" }),
-      } as Record<string, CounterSeries | undefined>,
+      },
       malformed: {
         sequence: malformed("sequence"),
         timestamp: malformed("timestamp"),
@@ -613,7 +613,7 @@ export class AudioService implements AsyncDisposable {
     transport: "websocket" | "rtp" | "local" = "local",
   ): PushResult {
     const m = this.#micSeries;
-    (m.received[transport] ?? this.#t.received.labels({ transport })).inc();
+    m.received[transport].inc();
     this.#t.receivedBytes.inc(packet.length);
     const malformed = (reason: keyof typeof m.malformed) => {
       m.malformed[reason].inc();

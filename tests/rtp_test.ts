@@ -410,7 +410,8 @@ Deno.test("RTP destinations: multicast needs permission, broadcast and unspecifi
 // -------------------------------------------------------------------------------------------
 // Sender behaviour (fake frame source, real sockets on 127.0.0.1).
 
-Deno.test("RtpSender numbers packets, offsets timestamps, marks gaps and skips DTX", async () => {
+/** A frame source the test drives by calling its listeners. */
+function fakeSource() {
   const listeners = new Set<FrameListener>();
   const source = {
     metrics: new Registry(),
@@ -419,6 +420,11 @@ Deno.test("RtpSender numbers packets, offsets timestamps, marks gaps and skips D
       return () => listeners.delete(l);
     },
   };
+  return { listeners, source };
+}
+
+Deno.test("RtpSender numbers packets, offsets timestamps, marks gaps and skips DTX", async () => {
+  const { listeners, source } = fakeSource();
   const sink = await udpSink();
   const sink2 = await udpSink();
   const sender = await RtpSender.open(source, {
@@ -496,14 +502,7 @@ Deno.test("RtpSender numbers packets, offsets timestamps, marks gaps and skips D
 });
 
 Deno.test("RtpSender with sendDtx sends silence packets too, random SSRC/sequence otherwise", async () => {
-  const listeners = new Set<FrameListener>();
-  const source = {
-    metrics: new Registry(),
-    subscribe(l: FrameListener) {
-      listeners.add(l);
-      return () => listeners.delete(l);
-    },
-  };
+  const { listeners, source } = fakeSource();
   const sink = await udpSink();
   await using a = await RtpSender.open(source, {
     destinations: [`localhost:${sink.port}`],

@@ -172,7 +172,7 @@ function run(init: InputInit): void {
         now = epochMs();
       }
 
-      const dueAt = epochMs();
+      const dueAt = flat ? epochMs() : now;
       const d = playout.next(now);
       if (flat) {
         // No time passes without packets: buffering writes nothing.

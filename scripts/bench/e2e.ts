@@ -76,8 +76,8 @@
  */
 
 import dgram from "node:dgram";
-import { LineReader } from "./lines.ts";
-import { V8_FLAGS } from "../compile.ts";
+import { LineReader, stdinLines } from "./lines.ts";
+import { RUNTIME_FLAGS } from "../compile.ts";
 import { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
 import { epochMs } from "../../lib/frame_ring.ts";
@@ -138,16 +138,10 @@ const ROOT = new URL("../../", import.meta.url).pathname;
 const SELF = new URL(import.meta.url).pathname;
 const MAIN = new URL("../../main.ts", import.meta.url).pathname;
 const ULTRA = OUTPUT_PRESETS.ultra;
+// The service as deployed (`deno task start`'s flags), its network narrowed to loopback.
 const SERVICE_FLAGS = [
   "--no-prompt",
-  `--v8-flags=${V8_FLAGS.join(",")}`,
-  "--unstable-net",
-  "--allow-ffi",
-  "--allow-read",
-  "--allow-write",
-  "--allow-env",
-  "--allow-net=127.0.0.1",
-  "--allow-sys=hostname,osRelease",
+  ...RUNTIME_FLAGS.map((f) => f === "--allow-net" ? "--allow-net=127.0.0.1" : f),
 ];
 const CLIENT_FLAGS = ["--no-prompt", "--allow-net=127.0.0.1", "--allow-read"];
 
@@ -430,18 +424,6 @@ type ClientLine =
 
 function say(line: ClientLine): void {
   console.log(JSON.stringify(line));
-}
-
-/** Reads lines from stdin until it closes. */
-async function* stdinLines(): AsyncGenerator<string> {
-  let buffer = "";
-  for await (const chunk of Deno.stdin.readable.pipeThrough(new TextDecoderStream())) {
-    buffer += chunk;
-    for (let nl = buffer.indexOf("\n"); nl >= 0; nl = buffer.indexOf("\n")) {
-      yield buffer.slice(0, nl);
-      buffer = buffer.slice(nl + 1);
-    }
-  }
 }
 
 /**

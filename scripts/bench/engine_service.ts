@@ -21,6 +21,7 @@
  */
 
 import { AudioService } from "../../lib/service.ts";
+import { stdinLines } from "./lines.ts";
 import { RtpReceiver, RtpSender } from "../../lib/transport/rtp.ts";
 import { frameSamples, MICROPHONE_PRESETS } from "../../lib/quality.ts";
 import { type AlsaConfig, useAlsaConfig, writeAlsaConfig } from "../../tests/alsa_devices.ts";
@@ -195,18 +196,6 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
   } finally {
     await service.close();
     alsa.current[Symbol.dispose]();
-  }
-}
-
-/** Reads lines from stdin. */
-async function* stdinLines(): AsyncGenerator<string> {
-  let buffer = "";
-  for await (const chunk of Deno.stdin.readable.pipeThrough(new TextDecoderStream())) {
-    buffer += chunk;
-    for (let nl = buffer.indexOf("\n"); nl >= 0; nl = buffer.indexOf("\n")) {
-      yield buffer.slice(0, nl);
-      buffer = buffer.slice(nl + 1);
-    }
   }
 }
 

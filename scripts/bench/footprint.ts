@@ -49,6 +49,8 @@ import { encodeFrame, type TalkHello } from "../../lib/transport/ws_protocol.ts"
 import { writeAlsaConfig, writeRaw } from "../../tests/alsa_devices.ts";
 import { tempDir, tone } from "../../tests/audio_util.ts";
 import { type BenchResult, report, result } from "./report.ts";
+import { RUNTIME_FLAGS } from "../compile.ts";
+import { until, WsClient } from "../../tests/net_util.ts";
 
 /** Knobs of {@link benchFootprint}. */
 export interface FootprintOptions {
@@ -101,26 +103,6 @@ function freePort(): number {
   const port = (l.addr as Deno.NetAddr).port;
   l.close();
   return port;
-}
-
-/** The `--allow-*`, `--v8-flags` and `--unstable-*` of `deno task start`: the service as deployed. */
-async function startPermissions(): Promise<string[]> {
-  const json = JSON.parse(await Deno.readTextFile(`${ROOT}deno.json`)) as {
-    tasks?: Record<string, string>;
-  };
-  const task = json.tasks?.["start"];
-  const flags =
-    task?.split(/\s+/).filter((a) =>
-      a.startsWith("--allow-") || a.startsWith("--v8-flags=") || a.startsWith("--unstable")
-    ) ??
-      [];
-  if (flags.length === 0) {
-    throw new Error(
-      `Cannot find the permission flags of the start task in ${ROOT}deno.json: expected ` +
-        `"--allow-…" flags in tasks.start, got ${JSON.stringify(task)}`,
-    );
-  }
-  return flags;
 }
 
 /**
@@ -279,47 +261,14 @@ class Program implements AsyncDisposable {
   }
 }
 
-/** A WebSocket that counts what it receives and keeps its JSON messages. */
-class Socket {
-  readonly ws: WebSocket;
-  readonly texts: Record<string, unknown>[] = [];
-  binary = 0;
-  readonly opened: Promise<void>;
-
-  constructor(url: string) {
-    this.ws = new WebSocket(url);
-    this.ws.binaryType = "arraybuffer";
-    this.opened = new Promise((resolve, reject) => {
-      this.ws.addEventListener("open", () => resolve(), { once: true });
-      this.ws.addEventListener("error", () => reject(new Error(`Cannot open ${url}`)), {
-        once: true,
-      });
-    });
-    this.opened.catch(() => {});
-    this.ws.addEventListener("message", (e) => {
-      if (typeof e.data === "string") this.texts.push(JSON.parse(e.data));
-      else this.binary++;
-    });
-  }
-
-  async firstText(timeoutMs: number): Promise<Record<string, unknown>> {
-    const deadline = performance.now() + timeoutMs;
-    while (this.texts.length === 0) {
-      if (performance.now() > deadline) {
-        throw new Error(`No hello on ${this.ws.url} within ${timeoutMs} ms`);
-      }
-      await sleep(20);
-    }
-    return this.texts[0]!;
-  }
-
-  close(): void {
-    if (this.ws.readyState <= WebSocket.OPEN) this.ws.close();
-  }
+/** The first text message (the hello) a client received, waiting up to `timeoutMs` for it. */
+async function firstText(socket: WsClient, timeoutMs: number): Promise<Record<string, unknown>> {
+  await until(`a hello on ${socket.ws.url}`, () => socket.texts.length > 0, timeoutMs);
+  return socket.texts[0] as Record<string, unknown>;
 }
 
 /** Sends pre-encoded packets of a talk hello's shape on a real-time schedule until stopped. */
-function talk(socket: Socket, hello: TalkHello): { stop(): Promise<number> } {
+function talk(socket: WsClient, hello: TalkHello): { stop(): Promise<number> } {
   const preset = MICROPHONE_PRESETS[
     (PRESET_NAMES as readonly string[]).includes(hello.preset)
       ? hello.preset as typeof PRESET_NAMES[number]
@@ -432,7 +381,8 @@ async function measure(
     log: (line: string) => void;
   },
 ): Promise<BenchResult[]> {
-  const perms = await startPermissions();
+  // The service as deployed: `deno task start`'s flags (tests/compile_test.ts keeps them equal).
+  const perms = RUNTIME_FLAGS;
   const baselineScript = `${dir}/baseline_serve.ts`;
   await Deno.writeTextFile(baselineScript, BASELINE_SOURCE);
   // Self-contained: the same configuration works natively and under qemu (where the system one
@@ -517,12 +467,12 @@ async function measure(
     await sleep(idleSeconds * 1000);
     idle = await memory(p.pid);
 
-    const listener = new Socket(`ws://127.0.0.1:${p.port}/api/audio/stream`);
-    const talker = new Socket(`ws://127.0.0.1:${p.port}/api/microphone/stream`);
+    const listener = new WsClient(`ws://127.0.0.1:${p.port}/api/audio/stream`);
+    const talker = new WsClient(`ws://127.0.0.1:${p.port}/api/microphone/stream`);
     try {
       await Promise.all([listener.opened, talker.opened]);
-      const hello = await talker.firstText(30_000) as unknown as TalkHello;
-      await listener.firstText(30_000);
+      const hello = await firstText(talker, 30_000) as unknown as TalkHello;
+      await firstText(listener, 30_000);
       const sender = talk(talker, hello);
       const listened0 = listener.binary;
       await sleep(streamSeconds * 1000);
@@ -548,8 +498,7 @@ async function measure(
         );
       }
     } finally {
-      listener.close();
-      talker.close();
+      await Promise.all([listener.close(), talker.close()]);
     }
     log(
       `footprint${runtime.suffix}: kvm-audio VmRSS idle ${MiB(idle.rss).toFixed(1)} MiB, ` +

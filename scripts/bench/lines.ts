@@ -26,3 +26,13 @@ export class LineReader {
     await this.#reader.cancel().catch(() => {});
   }
 }
+
+/** Lines from this process's stdin until it closes (a child driven by its parent). */
+export async function* stdinLines(): AsyncGenerator<string> {
+  const lines = new LineReader(Deno.stdin.readable);
+  try {
+    for (let l = await lines.next(); l !== undefined; l = await lines.next()) yield l;
+  } finally {
+    await lines.cancel();
+  }
+}
