@@ -665,6 +665,14 @@ export class AudioService implements AsyncDisposable {
     return this.#input?.ring.available ?? 0;
   }
 
+  /**
+   * Output frames the output worker has encoded that the frame pump has not yet handed to
+   * listeners (0 when the pipeline is not running).
+   */
+  get outputBacklog(): number {
+    return this.#output?.ring.available ?? 0;
+  }
+
   /** Samples per channel a microphone client should put in each packet. */
   get microphoneFrameSamples(): number {
     return frameSamples(this.microphonePreset);

@@ -257,17 +257,20 @@ export function counterLabelled(json: MetricsJson, name: string, label: string):
 // ---------------------------------------------------------------------------------------------
 // The child's configuration and reports.
 
-/** Figure 1: both pipelines on unpaced file PCMs (input paced by the clock), CPU measured. */
+/** Figure 1: both pipelines on unpaced file PCMs, flat out, CPU measured. */
 export interface CpuRunConfig {
   readonly mode: "cpu";
-  /** Raw S16 stereo capture input (its length is the audio measured). */
+  /**
+   * Raw S16 stereo capture input: `warmupFrames` frames of warm-up, then the `seconds` of audio
+   * measured.
+   */
   readonly capture: string;
-  /** Microphone packets ({@link writePackets}), pushed in real time, looped if short. */
+  /** Microphone packets ({@link writePackets}), pushed flat out, looped if short. */
   readonly packets: string;
-  /** Seconds of audio per direction. */
+  /** Seconds of audio per direction in the window. */
   readonly seconds: number;
-  /** Seconds the input pipeline plays before the measurement starts. */
-  readonly warmupSeconds: number;
+  /** Frames through each pipeline before the window opens (the JIT's warm-up, as the floor's). */
+  readonly warmupFrames: number;
   /** Run the input pipeline (false: the output pipeline alone). */
   readonly input: boolean;
 }
@@ -280,6 +283,8 @@ export interface CpuRunReport {
   readonly wallSeconds: number;
   /** Frames handed to the output listener in the window. */
   readonly outputFrames: number;
+  /** Frames encoded before the window but handed over in it (their encoding is not counted). */
+  readonly outputBacklogAtOpen: number;
   /** Output frames dropped (ring full). */
   readonly outputDropped: number;
   /** Wall seconds from the capture device's appearance to the output's end. */

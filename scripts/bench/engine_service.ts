@@ -7,9 +7,8 @@
  * `deno run --allow-ffi --allow-read --allow-write --allow-env --allow-run --allow-net=127.0.0.1
  * scripts/bench/engine_service.ts '<config JSON>'` with a {@link ChildConfig} (`--allow-run`: Deno
  * reads /proc only with `--allow-all`, so thread times are read by `cat`):
- * - `cpu` — figure 1: output pipeline on an unpaced file PCM (flat out), input pipeline on a file
- *   PCM paced by the clock, microphone packets pushed in real time; reports its own CPU over a
- *   window that starts once both workers are loaded (see {@link cpuRun}).
+ * - `cpu` — figure 1: both pipelines on unpaced file PCMs, flat out; reports its own CPU over a
+ *   window that opens once both pipelines have carried a warm-up (see {@link cpuRun}).
  * - `paced` — figures 2 and 3: both pipelines on paced devices (PulseAudio through the ALSA
  *   configuration in the environment), output frames sent as RTP to 127.0.0.1 and received back
  *   into the microphone pipeline. Prints `started`; every `mark` line on stdin takes a metrics
@@ -23,7 +22,7 @@
 import { AudioService } from "../../lib/service.ts";
 import { stdinLines } from "./lines.ts";
 import { RtpReceiver, RtpSender } from "../../lib/transport/rtp.ts";
-import { frameSamples, MICROPHONE_PRESETS } from "../../lib/quality.ts";
+import { frameSamples, MICROPHONE_PRESETS, OUTPUT_PRESETS } from "../../lib/quality.ts";
 import { type AlsaConfig, useAlsaConfig, writeAlsaConfig } from "../../tests/alsa_devices.ts";
 import { tempDir } from "../../tests/audio_util.ts";
 import {
@@ -96,14 +95,17 @@ const FLAT_BACKLOG = 48;
 /**
  * Figure 1: one service with `pace: "flat"` — the output pipeline capturing from an unpaced file
  * PCM flat out, the input pipeline playing packets into an unpaced file PCM one frame per packet
- * as fast as {@link pushFlat} feeds them. The capture PCM is missing at first: the output worker
- * loads, fails to open it and waits to retry. After `warmupSeconds` of packets through the input
- * (both workers loaded and compiled), the window opens (CPU read), the capture PCM appears (a new
- * ALSA configuration; the output worker opens it at its next retry and encodes `seconds` of audio)
- * and `seconds` of packets are pushed; the window closes when the output ended and the input
- * worker reported every packet decoded. Worker start-up is thus outside the window, and the window
- * holds `seconds` of audio through each pipeline. Waits poll every 20 ms: the harness's own
- * wake-ups count in the window too.
+ * as fast as {@link pushFlat} feeds them. Both pipelines are warmed up first, as the floor's loops
+ * are: the capture PCM is missing at first (the output worker loads, fails to open it and waits
+ * to retry) while `warmupFrames` packets go through the input; then the capture PCM appears (a
+ * new ALSA configuration; the output worker opens it at its next retry) and the window opens
+ * when the output listener is handed the `warmupFrames`-th frame: CPU is read there, in the
+ * listener, and `seconds` of packets are pushed from then on. The window closes when the output
+ * ended (its file holds exactly the window's `seconds` after the warm-up) and the input worker
+ * reported every packet decoded. Frames the output worker had encoded but not handed over when
+ * the window opened are reported (`outputBacklogAtOpen`): their encoding is outside the window.
+ * Waits poll every 20 ms: the harness's own wake-ups count in the window, and so do the two
+ * thread-time snapshots (≈ 1 ms of CPU each, by `cat`).
  */
 async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
   await using dir = await tempDir("kvm-bench-engine-");
@@ -115,8 +117,9 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
   });
   const packets = await readPackets(cfg.packets);
   const frame = frameSamples(MICROPHONE_PRESETS.ultra);
+  const outputFrame = frameSamples(OUTPUT_PRESETS.ultra);
   const windowPackets = Math.round((cfg.seconds * 48000) / frame);
-  const warmupPackets = Math.round((cfg.warmupSeconds * 48000) / frame);
+  const warmupPackets = cfg.input ? cfg.warmupFrames : 0;
 
   const alsa = { current: useAlsaConfig(before) };
   const service = new AudioService({
@@ -124,12 +127,20 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
     playback: cfg.input ? "kvm_bench_playback" : null,
     outputPreset: "ultra",
     microphonePreset: "ultra",
-    maxCaptureSamples: cfg.seconds * 48000,
+    maxCaptureSamples: cfg.seconds * 48000 + cfg.warmupFrames * outputFrame,
     pace: "flat",
     metricsIntervalMs: 250,
   });
-  let handed = 0;
-  service.subscribe(() => handed++);
+  const opened = Promise.withResolvers<void>();
+  let handed = 0, cpu0 = NaN, t0 = NaN, backlog0 = 0;
+  service.subscribe(() => {
+    if (++handed === cfg.warmupFrames) {
+      cpu0 = processCpuSeconds();
+      t0 = performance.now();
+      backlog0 = service.outputBacklog;
+      opened.resolve();
+    }
+  });
   const decoded = () => counterTotal(service.metrics.toJSON(), DECODED);
   try {
     service.start();
@@ -145,12 +156,11 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
       await until("the warm-up", () => decoded() >= warmupPackets, 30_000);
     }
 
-    const in0 = service.metrics.toJSON();
-    const threads0 = await threadCpuSeconds();
-    const cpu0 = processCpuSeconds();
-    const t0 = performance.now();
     alsa.current[Symbol.dispose]();
     alsa.current = useAlsaConfig(after);
+    await opened.promise;
+    const threads0 = await threadCpuSeconds();
+    const in0 = service.metrics.toJSON();
     let outputEnd = NaN;
     const outputEnded = () => {
       if (Number.isNaN(outputEnd) && service.outputStatus().supervisor?.lastExit === "ended") {
@@ -165,9 +175,9 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
       cfg.seconds * 1000 + 60_000,
       20,
     );
+    const threads1 = await threadCpuSeconds();
     const cpu1 = processCpuSeconds();
     const t1 = performance.now();
-    const threads1 = await threadCpuSeconds();
     const in1 = service.metrics.toJSON();
     const delta = (name: string) => counterTotal(in1, name) - counterTotal(in0, name);
 
@@ -184,7 +194,8 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
       mode: "cpu",
       cpuSeconds: cpu1 - cpu0,
       wallSeconds: (t1 - t0) / 1000,
-      outputFrames: handed,
+      outputFrames: handed - cfg.warmupFrames,
+      outputBacklogAtOpen: backlog0,
       outputDropped: counterTotal(in1, DROPPED),
       outputSeconds: (outputEnd - t0) / 1000,
       inputPushed: cfg.input ? windowPackets : 0,

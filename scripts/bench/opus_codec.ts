@@ -442,13 +442,21 @@ class NativeSide implements AsyncDisposable {
   }
 }
 
-async function build(cc: string, dir: string): Promise<string> {
-  const source = decodeURIComponent(new URL("./opus_native.c", import.meta.url).pathname);
-  const binary = `${dir}/opus_native`;
+/**
+ * Compiles one C file of this directory into `binary` with `cc -O2`, linked against `libs`
+ * (e.g. `["-lopus"]`); throws with the compiler's message when it cannot.
+ */
+export async function compileC(
+  cc: string,
+  file: string,
+  binary: string,
+  libs: readonly string[],
+): Promise<string> {
+  const source = decodeURIComponent(new URL(`./${file}`, import.meta.url).pathname);
   let out: Deno.CommandOutput;
   try {
     out = await new Deno.Command(cc, {
-      args: ["-O2", "-std=c11", "-Wall", "-o", binary, source, "-lopus"],
+      args: ["-O2", "-std=c11", "-Wall", "-o", binary, source, ...libs],
       stdout: "piped",
       stderr: "piped",
     }).output();
@@ -589,7 +597,12 @@ export async function benchOpusCodec(opts: OpusCodecOptions = {}): Promise<Bench
 
   const dir = await Deno.makeTempDir({ prefix: "kvm-audio-bench-opus-" });
   try {
-    const binary = await build(opts.cc ?? Deno.env.get("CC") ?? "cc", dir);
+    const binary = await compileC(
+      opts.cc ?? Deno.env.get("CC") ?? "cc",
+      "opus_native.c",
+      `${dir}/opus_native`,
+      ["-lopus"],
+    );
     const out: BenchResult[] = [];
     const inputs = new Map<string, { path: string; signal: Int16Array }>();
     for (const [ref, p] of presets) {
