@@ -12,14 +12,21 @@
  * The first frames of every run warm up the JIT and are not counted. Timestamps are doubles of
  * about 1.8e12 ms, so figures come in steps of 2⁻¹² ms (0.24 µs).
  *
- * Standalone: `deno run --allow-read scripts/bench/ring_hop.ts [--json] [--frames N]
- * [--paced N] [--interval MS]`.
+ * The floor under both, measured in the same run: {@link ./ring_hop_native.c}, the same hop
+ * between two C threads through a shared slot and the Linux futex (what `Atomics.wait` and
+ * `Atomics.notify` stand on), paced the same way. Its median against `postMessage`'s says how
+ * far below `postMessage` any shared-memory hop can go on this machine.
+ *
+ * Standalone: `deno run --allow-read --allow-write --allow-run --allow-env
+ * scripts/bench/ring_hop.ts [--json] [--frames N] [--paced N] [--interval MS]` (run, write and
+ * env to build the C floor with `cc`, or `$CC`, and run it).
  *
  * @module
  */
 
 import { epochMs, FrameRing } from "../../lib/frame_ring.ts";
 import { type BenchResult, report, result } from "./report.ts";
+import { compileC } from "./opus_codec.ts";
 import type { HopMessage, HopRequest } from "./ring_hop_worker.ts";
 
 /** Knobs of {@link benchRingHop}. */
@@ -202,6 +209,31 @@ async function postWorkerToMain(run: Run): Promise<Float64Array> {
   }
 }
 
+/** The C floor ({@link ./ring_hop_native.c}): median and p99 of a futex hop, µs. */
+async function nativeHop(
+  binary: string,
+  frames: number,
+  intervalMs: number,
+  frameBytes: number,
+  warmup: number,
+): Promise<{ medianUs: number; p99Us: number }> {
+  const out = await new Deno.Command(binary, {
+    args: [String(frames), String(intervalMs), String(frameBytes), String(warmup)],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const text = new TextDecoder().decode(out.stdout).trim();
+  const [median, p99] = text.split(" ").map(Number);
+  if (!out.success || !Number.isFinite(median) || !Number.isFinite(p99)) {
+    throw new Error(
+      `The native hop failed (code ${out.code}): ${
+        new TextDecoder().decode(out.stderr).trim() || text
+      }`,
+    );
+  }
+  return { medianUs: median!, p99Us: p99! };
+}
+
 function stats(latencyMs: Float64Array, warmup: number): Stats {
   const counted = latencyMs.subarray(Math.min(warmup, latencyMs.length));
   const got = counted.filter((v) => !Number.isNaN(v)).map((v) => v * 1000).sort();
@@ -228,6 +260,31 @@ export async function benchRingHop(options: RingHopOptions = {}): Promise<BenchR
     { label: `paced ${intervalMs} ms`, frames: options.pacedFrames ?? 5000, intervalMs },
     { label: "flat out", frames: options.frames ?? 20_000, intervalMs: 0 },
   ];
+  const out: BenchResult[] = [];
+  const dir = await Deno.makeTempDir({ prefix: "kvm-audio-bench-hop-" });
+  try {
+    const binary = await compileC(
+      Deno.env.get("CC") ?? "cc",
+      "ring_hop_native.c",
+      `${dir}/ring_hop_native`,
+      ["-lpthread"],
+    );
+    const paced = modes[0]!;
+    const native = await nativeHop(binary, paced.frames + warmup, intervalMs, frameBytes, warmup);
+    out.push(...await hops(modes, warmup, frameBytes, slots, native));
+  } finally {
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+  return out;
+}
+
+async function hops(
+  modes: readonly { label: string; frames: number; intervalMs: number }[],
+  warmup: number,
+  frameBytes: number,
+  slots: number,
+  native: { medianUs: number; p99Us: number },
+): Promise<BenchResult[]> {
   const out: BenchResult[] = [];
   for (const direction of ["main→worker", "worker→main"] as const) {
     for (const mode of modes) {
@@ -259,6 +316,17 @@ export async function benchRingHop(options: RingHopOptions = {}): Promise<BenchR
       );
       if (mode.intervalMs === 0 || ring.delivered < 100) {
         out.push(result(`${name} delivered (${slots} slots)`, ring.delivered, "%", post.delivered));
+      }
+      if (mode.intervalMs > 0) {
+        out.push(
+          result(`${name} median vs native C futex hop`, ring.medianUs, "µs", native.medianUs),
+          result(
+            `native C futex hop ${frameBytes} B ${mode.label} median vs postMessage ${direction}`,
+            native.medianUs,
+            "µs",
+            post.medianUs,
+          ),
+        );
       }
     }
   }
