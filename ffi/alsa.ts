@@ -20,7 +20,7 @@
  * @module
  */
 
-import { cString, openLibrary } from "./library.ts";
+import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
 
 // ---------------------------------------------------------------------------------------------
 // C constants (alsa/pcm.h, errno.h). Named, never bare numbers.
@@ -688,8 +688,7 @@ export class Pcm implements Disposable {
    * shared memory, so the thread that terminated it can still release the device.
    */
   get orphanToken(): bigint {
-    if (this.#pcm === null) return 0n;
-    return BigInt(Deno.UnsafePointer.value(this.#pcm));
+    return orphanToken(this.#pcm);
   }
 
   /**
@@ -697,10 +696,7 @@ export class Pcm implements Disposable {
    * once the thread that opened the PCM is gone and the token was not cleared by a `close()`.
    */
   static closeOrphan(token: bigint): void {
-    if (typeof token !== "bigint" || token <= 0n) {
-      throw new RangeError(`Invalid orphan token ${String(token)}: expected a positive bigint`);
-    }
-    const pcm = Deno.UnsafePointer.create(token);
+    const pcm = orphanPointer(token);
     if (pcm === null) return;
     const rc = alsa().snd_pcm_close(pcm);
     if (rc < 0) throw new AlsaError("snd_pcm_close", rc, "(orphan)");

@@ -74,3 +74,24 @@ export function openLibrary<const S extends Deno.ForeignLibraryInterface>(
 export function cString(ptr: Deno.PointerValue): string {
   return ptr === null ? "" : Deno.UnsafePointerView.getCString(ptr);
 }
+
+/**
+ * The orphan token of a native object: its address as a bigint, 0n when there is none. A worker
+ * that may be terminated while holding native state (termination skips its `finally` blocks)
+ * publishes the tokens of what it holds in shared memory, so that the thread that terminated it
+ * can still free them (`Pcm.closeOrphan`, `OpusEncoder.destroyOrphan`, …).
+ */
+export function orphanToken(ptr: Deno.PointerObject | null): bigint {
+  return ptr === null ? 0n : BigInt(Deno.UnsafePointer.value(ptr));
+}
+
+/**
+ * The pointer behind an orphan token, checked to be a positive bigint. Only use it once the
+ * thread that made the object is gone and the token was not cleared by a `close()`.
+ */
+export function orphanPointer(token: bigint): Deno.PointerObject | null {
+  if (typeof token !== "bigint" || token <= 0n) {
+    throw new RangeError(`Invalid orphan token ${String(token)}: expected a positive bigint`);
+  }
+  return Deno.UnsafePointer.create(token);
+}

@@ -11,7 +11,7 @@
  * @module
  */
 
-import { cString, openLibrary } from "./library.ts";
+import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
 
 // ---------------------------------------------------------------------------------------------
 // C constants (opus_defines.h). Named, never bare numbers.
@@ -581,6 +581,23 @@ export class OpusEncoder implements Disposable {
     return this.#ptr === null;
   }
 
+  /**
+   * This encoder's orphan token (0n once closed), for {@link OpusEncoder.destroyOrphan}: see
+   * `orphanToken` in library.ts.
+   */
+  get orphanToken(): bigint {
+    return orphanToken(this.#ptr);
+  }
+
+  /**
+   * Frees the native state of an encoder whose thread was terminated, given its
+   * {@link OpusEncoder.orphanToken}. Only once that thread is gone and the token was not cleared.
+   */
+  static destroyOrphan(token: bigint): void {
+    const ptr = orphanPointer(token);
+    if (ptr !== null) opus().opus_encoder_destroy(ptr);
+  }
+
   /** Frees the native encoder. Idempotent. */
   close(): void {
     if (this.#ptr === null) return;
@@ -750,6 +767,23 @@ export class OpusDecoder implements Disposable {
   /** Whether {@link close} has been called. */
   get closed(): boolean {
     return this.#ptr === null;
+  }
+
+  /**
+   * This decoder's orphan token (0n once closed), for {@link OpusDecoder.destroyOrphan}: see
+   * `orphanToken` in library.ts.
+   */
+  get orphanToken(): bigint {
+    return orphanToken(this.#ptr);
+  }
+
+  /**
+   * Frees the native state of an decoder whose thread was terminated, given its
+   * {@link OpusDecoder.orphanToken}. Only once that thread is gone and the token was not cleared.
+   */
+  static destroyOrphan(token: bigint): void {
+    const ptr = orphanPointer(token);
+    if (ptr !== null) opus().opus_decoder_destroy(ptr);
   }
 
   /** Frees the native decoder. Idempotent. */

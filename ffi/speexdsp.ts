@@ -11,7 +11,7 @@
  * @module
  */
 
-import { cString, openLibrary } from "./library.ts";
+import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
 
 /** Lowest resampler quality (`SPEEX_RESAMPLER_QUALITY_MIN`). */
 export const SPEEX_RESAMPLER_QUALITY_MIN = 0;
@@ -412,6 +412,23 @@ export class Resampler implements Disposable {
       rc,
       `${this.#inRate} Hz to ${this.#outRate} Hz changed to ${inRate} Hz to ${outRate} Hz`,
     );
+  }
+
+  /**
+   * This resampler's orphan token (0n once closed), for {@link Resampler.destroyOrphan}: see
+   * `orphanToken` in library.ts.
+   */
+  get orphanToken(): bigint {
+    return orphanToken(this.#state);
+  }
+
+  /**
+   * Frees the native state of a resampler whose thread was terminated, given its
+   * {@link Resampler.orphanToken}. Only once that thread is gone and the token was not cleared.
+   */
+  static destroyOrphan(token: bigint): void {
+    const state = orphanPointer(token);
+    if (state !== null) speex().speex_resampler_destroy(state);
   }
 
   /** Frees the native state; later calls are no-ops. */

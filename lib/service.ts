@@ -16,7 +16,14 @@
 
 import { getLogger } from "@logtape/logtape";
 import { Pcm } from "../ffi/alsa.ts";
-import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../ffi/opus.ts";
+import {
+  inspectPacket,
+  InvalidPacketError,
+  OPUS_MAX_PACKET,
+  OpusDecoder,
+  OpusEncoder,
+} from "../ffi/opus.ts";
+import { Resampler } from "../ffi/speexdsp.ts";
 import { FrameRing, type ReadSlot } from "./frame_ring.ts";
 import { Registry } from "./metrics.ts";
 import {
@@ -26,7 +33,9 @@ import {
   FrameFlag,
   INPUT_RING,
   type InputInit,
-  orphanSlot,
+  ORPHAN,
+  type OrphanKind,
+  orphanSlots,
   OUTPUT_RING,
   type OutputInit,
   type Pace,
@@ -154,6 +163,8 @@ function workerUrl(name: "output_worker" | "input_worker"): string {
     : new URL(`./lib/pipeline/${name}.js`, here).href;
 }
 
+const ORPHAN_KINDS = Object.keys(ORPHAN) as OrphanKind[];
+
 const WORKER_URLS = { output: workerUrl("output_worker"), input: workerUrl("input_worker") };
 
 class Pipeline {
@@ -162,6 +173,8 @@ class Pipeline {
   obtained: DeviceInfo | null = null;
   lastDeviceError: string | null = null;
   wanted = false;
+  /** Native objects of terminated workers freed by {@link Pipeline.#releaseOrphan}, by kind. */
+  readonly orphansReleased: Record<OrphanKind, number> = { pcm: 0, codec: 0, resampler: 0 };
 
   constructor(
     readonly kind: "output" | "input",
@@ -193,27 +206,40 @@ class Pipeline {
   }
 
   /**
-   * A worker terminated while stalled skips its `finally` blocks and leaves its PCM open. Close
-   * it from here, once the worker thread is surely gone: every FFI call the worker makes returns
-   * within 100 ms, so after 150 ms nothing of it can still be inside libasound (restarts come
-   * later: the first backoff is longer).
+   * A worker terminated while stalled skips its `finally` blocks and leaves its PCM open and its
+   * codec and resampler allocated. Free them from here, once the worker thread is surely gone:
+   * every FFI call the worker makes returns within 100 ms, so after 150 ms nothing of it can still
+   * be inside a native library (restarts come later: the first backoff is longer).
    */
   #releaseOrphan(): void {
-    const slot = orphanSlot(this.supervisor.buffer);
-    const token = Atomics.load(slot, 0);
-    if (token === 0n) return;
+    const slots = orphanSlots(this.supervisor.buffer);
+    const tokens = ORPHAN_KINDS.map((k) => Atomics.load(slots, ORPHAN[k]));
+    if (tokens.every((t) => t === 0n)) return;
     setTimeout(() => {
-      // Only if it is still the dead worker's: a new incarnation may have published its own.
-      if (Atomics.compareExchange(slot, 0, token, 0n) !== token) return;
-      try {
-        Pcm.closeOrphan(token);
-        log.warn("Closed the {kind} device left open by a terminated worker", { kind: this.kind });
-      } catch (e) {
-        log.error("Cannot close an orphaned {kind} device: {error}", {
-          kind: this.kind,
-          error: (e as Error).message,
-        });
-      }
+      ORPHAN_KINDS.forEach((kind, i) => {
+        const token = tokens[i]!;
+        // Only if it is still the dead worker's: a new incarnation may have published its own.
+        if (token === 0n || Atomics.compareExchange(slots, ORPHAN[kind], token, 0n) !== token) {
+          return;
+        }
+        try {
+          if (kind === "pcm") Pcm.closeOrphan(token);
+          else if (kind === "resampler") Resampler.destroyOrphan(token);
+          else if (this.kind === "output") OpusEncoder.destroyOrphan(token);
+          else OpusDecoder.destroyOrphan(token);
+          this.orphansReleased[kind]++;
+          log.warn("Freed the {what} left by a terminated {kind} worker", {
+            what: kind === "pcm" ? "device" : kind,
+            kind: this.kind,
+          });
+        } catch (e) {
+          log.error("Cannot free the {what} left by a terminated {kind} worker: {error}", {
+            what: kind === "pcm" ? "device" : kind,
+            kind: this.kind,
+            error: (e as Error).message,
+          });
+        }
+      });
     }, 150);
   }
 
@@ -767,6 +793,15 @@ export class AudioService implements AsyncDisposable {
   /** The supervisors, for tests and the health check. */
   get supervisors(): { output: Supervisor | null; input: Supervisor | null } {
     return { output: this.#output?.supervisor ?? null, input: this.#input?.supervisor ?? null };
+  }
+
+  /**
+   * Native objects (device, codec, resampler) that terminated workers of a pipeline left behind
+   * and the service freed, by kind (see `CONTROL.orphans`); null when the pipeline is disabled.
+   */
+  orphansReleased(kind: "output" | "input"): Readonly<Record<OrphanKind, number>> | null {
+    const p = kind === "output" ? this.#output : this.#input;
+    return p === null ? null : { ...p.orphansReleased };
   }
 
   /** Control blocks of the pipelines (test-only fault injection goes through them). */

@@ -27,7 +27,7 @@ async function openFds(): Promise<number> {
   return new TextDecoder().decode(out.stdout).split("\n").filter(Boolean).length;
 }
 
-async function outputService(dir: string, opts: { breaker?: number } = {}) {
+async function outputService(dir: string, opts: { breaker?: number; rate?: number } = {}) {
   await writeRaw(
     `${dir}/in.raw`,
     tone({ freq: 800, channels: 2, frames: 48000 * 60, amplitude: 0.4 }),
@@ -39,6 +39,7 @@ async function outputService(dir: string, opts: { breaker?: number } = {}) {
   const service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,
+    ...(opts.rate !== undefined ? { captureRate: opts.rate } : {}),
     pace: "clock",
     allowFaults: true,
     supervisor: {
@@ -87,9 +88,10 @@ Deno.test("a crashed output worker is restarted and audio resumes; the control s
   assert.ok(await openFds() <= fdsRunning, "no descriptors leaked by the crash");
 });
 
-Deno.test("a stalled output worker is terminated, its device released, and restarted", async () => {
+Deno.test("a stalled output worker is terminated, its device, encoder and resampler freed, and restarted", async () => {
   await using dir = await tempDir();
-  const { service, restore } = await outputService(dir.path);
+  // At 44.1 kHz the worker also holds a resampler.
+  const { service, restore } = await outputService(dir.path, { rate: 44100 });
   using _ = restore;
   let count = 0;
   service.subscribe(() => count++);
@@ -105,14 +107,59 @@ Deno.test("a stalled output worker is terminated, its device released, and resta
     assert.equal(service.outputStatus().supervisor?.lastExit, "stall");
     const c = count;
     await until("audio after the stall", () => count > c + 10);
-    // The terminated worker's PCM (its open input file) was closed through its orphan token.
+    // The terminated worker's PCM (its open input file) was closed through its orphan token,
+    // and its encoder and resampler freed through theirs.
     await sleep(300);
     assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+    assert.deepEqual(service.orphansReleased("output"), {
+      pcm: i + 1,
+      codec: i + 1,
+      resampler: i + 1,
+    });
   }
+  assert.equal(service.outputStatus().obtained?.rate, 44100, "the device ran at 44.1 kHz");
   await service.close();
   await sleep(300);
   assert.equal(await deviceFds(dir.path), 0);
   // (Deno itself keeps a few event-loop descriptors per terminated worker; not ours to close.)
+});
+
+Deno.test("a stalled input worker is terminated, its device and decoder freed, and restarted", async () => {
+  await using dir = await tempDir();
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_test_playback: { type: "file", outfile: `${dir.path}/out.raw` },
+  });
+  using _ = useAlsaConfig(cfg);
+  const service = new AudioService({
+    capture: null,
+    playback: "kvm_test_playback",
+    pace: "clock",
+    allowFaults: true,
+    metricsIntervalMs: 50,
+    supervisor: { stallMs: 400, graceMs: 200, backoff: { initialMs: 200, maxMs: 400 } },
+  });
+  const played = () =>
+    service.metrics.toJSON().counters["kvm_audio_input_frames_played_total"] as number ?? 0;
+  try {
+    service.start();
+    await until("playing", () => played() > 10);
+    Atomics.store(service.controlBlock("input")!, CONTROL.fault, FAULT.stall);
+    await until(
+      "a stall restart",
+      () => (service.microphoneStatus().supervisor?.restarts ?? 0) > 0,
+    );
+    assert.equal(service.microphoneStatus().supervisor?.lastExit, "stall");
+    await sleep(300);
+    assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+    // 48 kHz: no resampler to free.
+    assert.deepEqual(service.orphansReleased("input"), { pcm: 1, codec: 1, resampler: 0 });
+    const p = played();
+    await until("playing after the restart", () => played() > p + 10);
+  } finally {
+    await service.close();
+  }
+  await sleep(300);
+  assert.equal(await deviceFds(dir.path), 0);
 });
 
 Deno.test("repeated crashes open the breaker and the status says so", async () => {

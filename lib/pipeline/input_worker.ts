@@ -58,6 +58,7 @@ function run(init: InputInit): void {
   });
   const decCh = init.deviceChannels === 1 ? 1 : 2;
   const decoder = OpusDecoder.create({ channels: decCh });
+  ctl.hold("codec", decoder);
   // Arrival time of each buffered sequence number, for the received→played stage.
   const arrival = new Float64Array(65536);
   const results = {
@@ -85,7 +86,7 @@ function run(init: InputInit): void {
       post({ type: "ended", snapshot: registry.snapshot() });
     }
   } finally {
-    decoder.close();
+    ctl.release("codec", decoder);
     poster.flush();
     ctl.state = "stopped";
   }
@@ -129,12 +130,13 @@ function run(init: InputInit): void {
     const devCh = pcm.channels;
     const dec = new Int16Array(MAX_FRAME * decCh);
     const mixed = new Int16Array(MAX_FRAME * Math.max(devCh, decCh));
-    using resampler = pcm.rate === 48000 ? null : Resampler.create({
+    const resampler = pcm.rate === 48000 ? null : Resampler.create({
       channels: decCh,
       inRate: 48000,
       outRate: pcm.rate,
       quality: 5,
     });
+    using _resampler = ctl.holding("resampler", resampler);
     const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
     const flat = init.pace === "flat";

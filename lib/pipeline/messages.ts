@@ -47,16 +47,22 @@ export const CONTROL = {
   /** Bumped by the main thread after writing `preset`, so the worker notices a change. */
   generation: 14,
   /**
-   * Words 16–17 (one 64-bit slot): the open PCM's orphan token while the worker holds it, 0
-   * otherwise. A worker terminated while stalled skips its `finally` blocks; the service then
-   * closes the device with this token so a restart can reopen it (see `Pcm.closeOrphan`).
+   * Words 16–21 (three 64-bit slots, {@link ORPHAN}): the orphan tokens of the native objects the
+   * worker holds — its open PCM, its Opus encoder or decoder, its resampler — 0 where it holds
+   * none. A worker terminated while stalled skips its `finally` blocks; the service then frees
+   * what these name (`Pcm.closeOrphan`, `OpusEncoder.destroyOrphan`, …), so that a restart can
+   * reopen the device and no codec state leaks.
    */
-  orphanPcm: 16,
+  orphans: 16,
 } as const;
 
-/** The control block's 64-bit view of {@link CONTROL.orphanPcm}. */
-export function orphanSlot(control: SharedArrayBuffer): BigInt64Array {
-  return new BigInt64Array(control, CONTROL.orphanPcm * 4, 1);
+/** The slots of {@link orphanSlots}: what a worker may leave behind. */
+export const ORPHAN = { pcm: 0, codec: 1, resampler: 2 } as const;
+export type OrphanKind = keyof typeof ORPHAN;
+
+/** The control block's 64-bit view of {@link CONTROL.orphans}, indexed by {@link ORPHAN}. */
+export function orphanSlots(control: SharedArrayBuffer): BigInt64Array {
+  return new BigInt64Array(control, CONTROL.orphans * 4, 3);
 }
 
 /** Values of the test-only fault switch. */

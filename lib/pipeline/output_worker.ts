@@ -85,6 +85,7 @@ function run(init: OutputInit): void {
     { channels: preset.channels, application: preset.application },
     encoderSettings(preset),
   );
+  ctl.hold("codec", encoder);
   ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
 
   const applyPreset = () => {
@@ -96,8 +97,9 @@ function run(init: OutputInit): void {
         { channels: next.channels, application: next.application },
         encoderSettings(next),
       );
-      encoder.close();
+      ctl.release("codec", encoder);
       encoder = fresh;
+      ctl.hold("codec", encoder);
       Atomics.add(ctl.words, CONTROL.rebuilds, 1);
       post({ type: "preset", preset: next.name, how: "rebuilt" });
     } else {
@@ -122,7 +124,7 @@ function run(init: OutputInit): void {
       post({ type: "ended", snapshot: registry.snapshot() });
     }
   } finally {
-    encoder.close();
+    ctl.release("codec", encoder);
     poster.flush();
     ctl.state = "stopped";
   }
@@ -132,12 +134,13 @@ function run(init: OutputInit): void {
     const devCh = pcm.channels;
     const period = pcm.periodFrames;
     const capBuf = new Int16Array(period * devCh);
-    using resampler = pcm.rate === 48000 ? null : Resampler.create({
+    const resampler = pcm.rate === 48000 ? null : Resampler.create({
       channels: devCh,
       inRate: pcm.rate,
       outRate: 48000,
       quality: 5,
     });
+    using _resampler = ctl.holding("resampler", resampler);
     const resBuf = new Int16Array(
       (resampler ? resampler.outputFramesFor(period) : period) * devCh,
     );

@@ -9,29 +9,56 @@ import { AlsaError, Pcm, type PcmOptions } from "../../ffi/alsa.ts";
 import { LibraryNotFoundError } from "../../ffi/library.ts";
 import type { Registry } from "../metrics.ts";
 import { CONTROL_WORD, WORKER_STATE, type WorkerStateName } from "../supervisor.ts";
-import { CONTROL, FAULT, orphanSlot, type PipelineInit, type WorkerMessage } from "./messages.ts";
+import {
+  CONTROL,
+  FAULT,
+  ORPHAN,
+  type OrphanKind,
+  orphanSlots,
+  type PipelineInit,
+  type WorkerMessage,
+} from "./messages.ts";
 
 /** The worker's side of its control block. */
 export class WorkerControl {
   readonly words: Int32Array;
-  readonly #orphan: BigInt64Array;
+  readonly #orphans: BigInt64Array;
   readonly #allowFaults: boolean;
 
   constructor(init: PipelineInit) {
     this.words = new Int32Array(init.control);
-    this.#orphan = orphanSlot(init.control);
+    this.#orphans = orphanSlots(init.control);
     this.#allowFaults = init.allowFaults === true;
   }
 
-  /** Publishes the PCM this worker holds (see {@link CONTROL.orphanPcm}). */
-  holdPcm(pcm: Pcm): void {
-    Atomics.store(this.#orphan, 0, pcm.orphanToken);
+  /**
+   * Publishes a native object this worker holds (see `CONTROL.orphans`); one per kind, so a new
+   * one replaces the token of the last (release that one first).
+   */
+  hold(kind: OrphanKind, native: { readonly orphanToken: bigint }): void {
+    Atomics.store(this.#orphans, ORPHAN[kind], native.orphanToken);
   }
 
-  /** Closes the held PCM; the token is cleared first, so a kill in between leaks, never double-closes. */
-  releasePcm(pcm: Pcm): void {
-    Atomics.store(this.#orphan, 0, 0n);
-    pcm.close();
+  /**
+   * Closes a held native object; its token is cleared first, so a kill in between leaks, never
+   * frees twice.
+   */
+  release(kind: OrphanKind, native: { close(): void }): void {
+    Atomics.store(this.#orphans, ORPHAN[kind], 0n);
+    native.close();
+  }
+
+  /**
+   * {@link hold}s `native` and returns what releases it, for `using` (nothing to hold for null):
+   * `using _ = ctl.holding("resampler", resampler)`.
+   */
+  holding(
+    kind: OrphanKind,
+    native: { readonly orphanToken: bigint; close(): void } | null,
+  ): Disposable {
+    if (native === null) return { [Symbol.dispose]() {} };
+    this.hold(kind, native);
+    return { [Symbol.dispose]: () => this.release(kind, native) };
   }
 
   /** Tells the supervisor this worker is alive. Call at least every 100 ms. */
@@ -140,7 +167,7 @@ export function runDevice(
     ctl.state = "starting";
     const pcm = openWithRetry(ctl, device, options());
     if (pcm === null) break;
-    ctl.holdPcm(pcm);
+    ctl.hold("pcm", pcm);
     const openedAt = performance.now();
     let lost: Error | null = null;
     try {
@@ -161,7 +188,7 @@ export function runDevice(
       lost = e as Error;
     } finally {
       try {
-        ctl.releasePcm(pcm);
+        ctl.release("pcm", pcm);
       } catch (e) {
         // A vanished device may refuse even its close; the handle is gone either way.
         // deno-lint-ignore no-unsafe-finally
