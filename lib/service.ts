@@ -599,11 +599,12 @@ export class AudioService implements AsyncDisposable {
     this.#pump = (async () => {
       let lastWake = -Infinity, fastWakes = 0;
       while (!this.#closed) {
-        const r = await ring.waitForDataAsync(200, false);
+        // No timeout: close() wakes the ring (see nextAsync on what a timeout costs per frame).
+        await ring.nextAsync();
         const now = performance.now();
         fastWakes = now - lastWake < COALESCE_BELOW_MS ? fastWakes + 1 : 0;
         lastWake = now;
-        if (r === "ok" && fastWakes >= COALESCE_AFTER) {
+        if (ring.available > 0 && fastWakes >= COALESCE_AFTER) {
           // Frames keep coming faster than one per COALESCE_BELOW_MS (a flat-out source): take
           // them in batches after a short timer instead of one wake-up of this thread (and one
           // notify by the worker) per frame. A paced stream never gets here — its frames are
@@ -617,7 +618,7 @@ export class AudioService implements AsyncDisposable {
           dropped.inc(d - lastDropped);
           lastDropped = d;
         }
-        if (r === "ended") break;
+        if (ring.ended && ring.available === 0) break;
       }
       clearInterval(keepAlive);
       this.#pumping = false;
@@ -813,6 +814,7 @@ export class AudioService implements AsyncDisposable {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#output?.ring.wake(); // the frame pump waits without a timeout
     await Promise.all([this.#output?.supervisor.stop(), this.#input?.supervisor.stop()]);
     await this.#pump;
   }

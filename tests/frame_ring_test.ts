@@ -347,6 +347,66 @@ Deno.test("FrameRing.waitForDataAsync falls back to polling without Atomics.wait
   }
 });
 
+Deno.test("FrameRing.nextAsync resolves on data, end or wake, and waits otherwise", async () => {
+  const ring = FrameRing.create({ slots: 4, slotBytes: 64 });
+  // It holds no timer: this one keeps the event loop alive while it waits.
+  const keepAlive = setInterval(() => {}, 60_000);
+  try {
+    let resolved = false;
+    const settle = (p: Promise<void>) => p.then(() => resolved = true);
+    // A wait that never ends fails the test instead of hanging it.
+    const within = async (p: Promise<unknown>, what: string) => {
+      let timer: ReturnType<typeof setTimeout> | undefined;
+      const late = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`nextAsync did not return on ${what}`)), 2000);
+      });
+      try {
+        await Promise.race([p, late]);
+      } finally {
+        clearTimeout(timer);
+      }
+    };
+    // Nothing there: it waits until a frame is published.
+    const first = settle(ring.nextAsync());
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(resolved, false, "no frame, no end, no wake: still waiting");
+    push(ring, 1);
+    await within(first, "a publish");
+    // A frame not yet claimed: at once.
+    await ring.nextAsync();
+    take(ring);
+    // wake() ends a wait without a frame.
+    resolved = false;
+    const woken = settle(ring.nextAsync());
+    await new Promise((r) => setTimeout(r, 20));
+    assert.equal(resolved, false);
+    ring.wake();
+    await within(woken, "wake()");
+    assert.equal(ring.available, 0);
+    // Ended: at once, every time.
+    ring.end();
+    await ring.nextAsync();
+    await ring.nextAsync();
+  } finally {
+    clearInterval(keepAlive);
+  }
+});
+
+Deno.test("FrameRing.nextAsync checks again after a millisecond without Atomics.waitAsync", async () => {
+  const atomics = Atomics as { waitAsync?: unknown };
+  const original = atomics.waitAsync;
+  atomics.waitAsync = undefined;
+  try {
+    const ring = FrameRing.create({ slots: 2, slotBytes: 8 });
+    const t0 = performance.now();
+    await ring.nextAsync();
+    assert.ok(performance.now() - t0 >= 0.5, "it slept before returning empty-handed");
+    assert.equal(ring.available, 0);
+  } finally {
+    atomics.waitAsync = original;
+  }
+});
+
 Deno.test("FrameRing.waitForDataAsync wakes when a worker publishes", async () => {
   const ring = FrameRing.create({ slots: 4, slotBytes: 64 });
   const worker = startWorker("frame_ring_producer.ts");

@@ -1,7 +1,8 @@
 /**
  * One-way hop latency of an Opus-sized frame between the main thread and a worker: the
  * {@link FrameRing} (producer publishes and notifies; a worker consumer blocks in `Atomics.wait`,
- * a main-thread consumer awaits `Atomics.waitAsync`) against `postMessage` of the same frame
+ * a main-thread consumer awaits `Atomics.waitAsync` through `nextAsync`, as the service's frame
+ * pump does) against `postMessage` of the same frame
  * (a copied `Uint8Array`).
  *
  * Each frame carries its send time (`performance.timeOrigin + performance.now()`, comparable across
@@ -163,6 +164,8 @@ async function ringWorkerToMain(run: Run): Promise<Float64Array> {
       } satisfies HopRequest,
     );
     await ready;
+    // nextAsync holds no timer: this one keeps the event loop alive, and ends a stuck run.
+    const watchdog = setTimeout(() => ring.end(), 120_000);
     worker.postMessage("go");
     for (;;) {
       const slot = ring.claim();
@@ -172,8 +175,10 @@ async function ringWorkerToMain(run: Run): Promise<Float64Array> {
         if (seq >= 0 && seq < run.frames) latency[seq] = now - slot.t[0]!;
         continue;
       }
-      if (await ring.waitForDataAsync(30_000) !== "ok") break;
+      if (ring.ended) break;
+      await ring.nextAsync(); // as the service's frame pump waits
     }
+    clearTimeout(watchdog);
     return latency;
   } finally {
     worker.terminate();
