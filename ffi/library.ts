@@ -95,3 +95,64 @@ export function orphanPointer(token: bigint): Deno.PointerObject | null {
   }
   return Deno.UnsafePointer.create(token);
 }
+
+/** What the finalizer of a {@link NativeState} frees. */
+interface Held {
+  readonly ptr: Deno.PointerObject;
+  readonly free: (ptr: Deno.PointerObject) => void;
+}
+
+const forgotten = new FinalizationRegistry<Held>((h) => h.free(h.ptr));
+
+/**
+ * Native state owned by one JavaScript object (a codec, a resampler): freed by `close()` or
+ * `using`, by the garbage collector when forgotten, or — from another thread, once the owning
+ * thread was terminated — through its {@link NativeState.orphanToken}. Subclasses pass the C
+ * destructor and a name for errors.
+ */
+export abstract class NativeState implements Disposable {
+  #ptr: Deno.PointerObject | null;
+  readonly #free: (ptr: Deno.PointerObject) => void;
+  readonly #kind: string;
+
+  protected constructor(
+    ptr: Deno.PointerObject,
+    free: (ptr: Deno.PointerObject) => void,
+    kind: string,
+  ) {
+    this.#ptr = ptr;
+    this.#free = free;
+    this.#kind = kind;
+    forgotten.register(this, { ptr, free }, this);
+  }
+
+  /** The native pointer; a TypeError ("Cannot <action> with a closed <kind>") once closed. */
+  protected live(action: string): Deno.PointerObject {
+    const ptr = this.#ptr;
+    if (ptr === null) throw new TypeError(`Cannot ${action} with a closed ${this.#kind}`);
+    return ptr;
+  }
+
+  /** Whether {@link close} has been called. */
+  get closed(): boolean {
+    return this.#ptr === null;
+  }
+
+  /** This object's orphan token (0n once closed): see {@link orphanToken}. */
+  get orphanToken(): bigint {
+    return orphanToken(this.#ptr);
+  }
+
+  /** Frees the native state. Idempotent. */
+  close(): void {
+    const ptr = this.#ptr;
+    if (ptr === null) return;
+    this.#ptr = null;
+    forgotten.unregister(this);
+    this.#free(ptr);
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}

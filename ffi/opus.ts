@@ -11,7 +11,7 @@
  * @module
  */
 
-import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
+import { cString, NativeState, openLibrary, orphanPointer } from "./library.ts";
 
 // ---------------------------------------------------------------------------------------------
 // C constants (opus_defines.h). Named, never bare numbers.
@@ -360,12 +360,8 @@ const GET_REQUESTS = new Set<number>([
   OpusRequest.GET_IN_DTX,
 ]);
 
-const encoderRegistry = new FinalizationRegistry<Deno.PointerObject>((p) => {
-  opus().opus_encoder_destroy(p);
-});
-const decoderRegistry = new FinalizationRegistry<Deno.PointerObject>((p) => {
-  opus().opus_decoder_destroy(p);
-});
+const destroyEncoder = (p: Deno.PointerObject) => opus().opus_encoder_destroy(p);
+const destroyDecoder = (p: Deno.PointerObject) => opus().opus_decoder_destroy(p);
 
 /** Options for {@link OpusEncoder.create}. */
 export interface EncoderOptions {
@@ -378,8 +374,7 @@ export interface EncoderOptions {
 }
 
 /** An Opus encoder. Dispose it (or call {@link close}) to free the native state. */
-export class OpusEncoder implements Disposable {
-  #ptr: Deno.PointerObject | null;
+export class OpusEncoder extends NativeState {
   #out = new Int32Array(1);
   readonly sampleRate: number;
   readonly channels: 1 | 2;
@@ -392,12 +387,11 @@ export class OpusEncoder implements Disposable {
     channels: 1 | 2,
     app: OpusApplicationName,
   ) {
-    this.#ptr = ptr;
+    super(ptr, destroyEncoder, "OpusEncoder");
     this.sampleRate = sampleRate;
     this.channels = channels;
     this.application = app;
     this.#frameSizes = validFrameSizes(sampleRate);
-    encoderRegistry.register(this, ptr, this);
   }
 
   /** Creates an encoder, optionally applying `settings` (each one read back). */
@@ -427,8 +421,7 @@ export class OpusEncoder implements Disposable {
   }
 
   #handle(): Deno.PointerObject {
-    if (this.#ptr === null) throw new TypeError("Cannot use a closed OpusEncoder");
-    return this.#ptr;
+    return this.live("work");
   }
 
   /** Samples per channel in one frame of `ms` milliseconds at this encoder's rate. */
@@ -576,38 +569,13 @@ export class OpusEncoder implements Disposable {
     if (rc !== OPUS_OK) throw new OpusError("opus_encoder_ctl", rc, "reset state");
   }
 
-  /** Whether {@link close} has been called. */
-  get closed(): boolean {
-    return this.#ptr === null;
-  }
-
-  /**
-   * This encoder's orphan token (0n once closed), for {@link OpusEncoder.destroyOrphan}: see
-   * `orphanToken` in library.ts.
-   */
-  get orphanToken(): bigint {
-    return orphanToken(this.#ptr);
-  }
-
   /**
    * Frees the native state of an encoder whose thread was terminated, given its
    * {@link OpusEncoder.orphanToken}. Only once that thread is gone and the token was not cleared.
    */
   static destroyOrphan(token: bigint): void {
     const ptr = orphanPointer(token);
-    if (ptr !== null) opus().opus_encoder_destroy(ptr);
-  }
-
-  /** Frees the native encoder. Idempotent. */
-  close(): void {
-    if (this.#ptr === null) return;
-    encoderRegistry.unregister(this);
-    opus().opus_encoder_destroy(this.#ptr);
-    this.#ptr = null;
-  }
-
-  [Symbol.dispose](): void {
-    this.close();
+    if (ptr !== null) destroyEncoder(ptr);
   }
 }
 
@@ -623,19 +591,17 @@ export interface DecoderOptions {
 }
 
 /** An Opus decoder with packet-loss concealment and FEC recovery. */
-export class OpusDecoder implements Disposable {
-  #ptr: Deno.PointerObject | null;
+export class OpusDecoder extends NativeState {
   #out = new Int32Array(1);
   readonly sampleRate: number;
   readonly channels: 1 | 2;
   readonly #maxFrame: number;
 
   private constructor(ptr: Deno.PointerObject, sampleRate: number, channels: 1 | 2) {
-    this.#ptr = ptr;
+    super(ptr, destroyDecoder, "OpusDecoder");
     this.sampleRate = sampleRate;
     this.channels = channels;
     this.#maxFrame = (sampleRate * 120) / 1000;
-    decoderRegistry.register(this, ptr, this);
   }
 
   /** Creates a decoder. */
@@ -655,8 +621,7 @@ export class OpusDecoder implements Disposable {
   }
 
   #handle(): Deno.PointerObject {
-    if (this.#ptr === null) throw new TypeError("Cannot use a closed OpusDecoder");
-    return this.#ptr;
+    return this.live("work");
   }
 
   #checkOut(out: Int16Array, frameSize: number): void {
@@ -764,38 +729,13 @@ export class OpusDecoder implements Disposable {
     if (rc !== OPUS_OK) throw new OpusError("opus_decoder_ctl", rc, "reset state");
   }
 
-  /** Whether {@link close} has been called. */
-  get closed(): boolean {
-    return this.#ptr === null;
-  }
-
   /**
-   * This decoder's orphan token (0n once closed), for {@link OpusDecoder.destroyOrphan}: see
-   * `orphanToken` in library.ts.
-   */
-  get orphanToken(): bigint {
-    return orphanToken(this.#ptr);
-  }
-
-  /**
-   * Frees the native state of an decoder whose thread was terminated, given its
+   * Frees the native state of a decoder whose thread was terminated, given its
    * {@link OpusDecoder.orphanToken}. Only once that thread is gone and the token was not cleared.
    */
   static destroyOrphan(token: bigint): void {
     const ptr = orphanPointer(token);
-    if (ptr !== null) opus().opus_decoder_destroy(ptr);
-  }
-
-  /** Frees the native decoder. Idempotent. */
-  close(): void {
-    if (this.#ptr === null) return;
-    decoderRegistry.unregister(this);
-    opus().opus_decoder_destroy(this.#ptr);
-    this.#ptr = null;
-  }
-
-  [Symbol.dispose](): void {
-    this.close();
+    if (ptr !== null) destroyDecoder(ptr);
   }
 }
 

@@ -11,7 +11,7 @@
  * @module
  */
 
-import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
+import { cString, NativeState, openLibrary, orphanPointer } from "./library.ts";
 
 /** Lowest resampler quality (`SPEEX_RESAMPLER_QUALITY_MIN`). */
 export const SPEEX_RESAMPLER_QUALITY_MIN = 0;
@@ -188,9 +188,7 @@ function checkInteger(what: string, value: unknown, min: number, max: number): n
 
 const checkRate = (what: string, value: unknown) => checkInteger(what, value, MIN_RATE, MAX_RATE);
 
-const finalizer = new FinalizationRegistry<Deno.PointerObject>((state) => {
-  speex().speex_resampler_destroy(state);
-});
+const destroyState = (state: Deno.PointerObject) => speex().speex_resampler_destroy(state);
 
 /**
  * A streaming sample-rate converter for interleaved int16 audio (libspeexdsp).
@@ -198,8 +196,7 @@ const finalizer = new FinalizationRegistry<Deno.PointerObject>((state) => {
  * The state carries filter history between calls, so feed one continuous stream per instance.
  * Buffers are caller-owned and may live on a `SharedArrayBuffer`; nothing is copied.
  */
-export class Resampler implements Disposable {
-  #state: Deno.PointerObject | null;
+export class Resampler extends NativeState {
   readonly #channels: number;
   readonly #quality: number;
   #inRate: number;
@@ -240,12 +237,11 @@ export class Resampler implements Disposable {
         `${channels} channels, ${inRate} Hz to ${outRate} Hz, quality ${quality}`,
       );
     }
-    this.#state = state;
+    super(state, destroyState, "Resampler");
     this.#channels = channels;
     this.#quality = quality;
     this.#inRate = inRate;
     this.#outRate = outRate;
-    finalizer.register(this, state, this);
   }
 
   /** Same as `new Resampler(options)`. */
@@ -273,16 +269,6 @@ export class Resampler implements Disposable {
     return this.#outRate;
   }
 
-  /** Whether {@link close} has been called. */
-  get closed(): boolean {
-    return this.#state === null;
-  }
-
-  #live(action: string): Deno.PointerObject {
-    if (this.#state === null) throw new TypeError(`Cannot ${action} with a closed Resampler`);
-    return this.#state;
-  }
-
   /**
    * Resamples interleaved frames from `input` into the start of `output`.
    *
@@ -296,7 +282,7 @@ export class Resampler implements Disposable {
    * @throws {SpeexError} when libspeexdsp reports an error
    */
   process(input: Int16Array, output: Int16Array): ProcessResult {
-    const state = this.#live("process audio");
+    const state = this.live("process audio");
     if (!(input instanceof Int16Array)) {
       throw new TypeError(`Cannot resample "${String(input)}": expected an Int16Array input`);
     }
@@ -353,17 +339,17 @@ export class Resampler implements Disposable {
 
   /** Filter delay in input frames. */
   get inputLatency(): number {
-    return speex().speex_resampler_get_input_latency(this.#live("read the latency"));
+    return speex().speex_resampler_get_input_latency(this.live("read the latency"));
   }
 
   /** Filter delay in output frames. */
   get outputLatency(): number {
-    return speex().speex_resampler_get_output_latency(this.#live("read the latency"));
+    return speex().speex_resampler_get_output_latency(this.live("read the latency"));
   }
 
   /** Clears the filter history, as if the stream started again. */
   reset(): void {
-    const rc = speex().speex_resampler_reset_mem(this.#live("reset"));
+    const rc = speex().speex_resampler_reset_mem(this.live("reset"));
     if (rc !== RESAMPLER_ERR_SUCCESS) throw new SpeexError("speex_resampler_reset_mem", rc);
   }
 
@@ -372,7 +358,7 @@ export class Resampler implements Disposable {
    * sample. Call right after construction or {@link reset}, before any audio.
    */
   skipZeros(): void {
-    const rc = speex().speex_resampler_skip_zeros(this.#live("skip zeros"));
+    const rc = speex().speex_resampler_skip_zeros(this.live("skip zeros"));
     if (rc !== RESAMPLER_ERR_SUCCESS) throw new SpeexError("speex_resampler_skip_zeros", rc);
   }
 
@@ -389,7 +375,7 @@ export class Resampler implements Disposable {
    * @throws {SpeexError} when libspeexdsp refuses the change
    */
   setRate(inRate: number, outRate: number): void {
-    const state = this.#live("set the rate");
+    const state = this.live("set the rate");
     checkRate("input rate", inRate);
     checkRate("output rate", outRate);
     const s = speex();
@@ -415,33 +401,11 @@ export class Resampler implements Disposable {
   }
 
   /**
-   * This resampler's orphan token (0n once closed), for {@link Resampler.destroyOrphan}: see
-   * `orphanToken` in library.ts.
-   */
-  get orphanToken(): bigint {
-    return orphanToken(this.#state);
-  }
-
-  /**
    * Frees the native state of a resampler whose thread was terminated, given its
    * {@link Resampler.orphanToken}. Only once that thread is gone and the token was not cleared.
    */
   static destroyOrphan(token: bigint): void {
     const state = orphanPointer(token);
-    if (state !== null) speex().speex_resampler_destroy(state);
-  }
-
-  /** Frees the native state; later calls are no-ops. */
-  close(): void {
-    const state = this.#state;
-    if (state === null) return;
-    this.#state = null;
-    finalizer.unregister(this);
-    speex().speex_resampler_destroy(state);
-  }
-
-  /** Same as {@link close}. */
-  [Symbol.dispose](): void {
-    this.close();
+    if (state !== null) destroyState(state);
   }
 }
