@@ -76,7 +76,7 @@
  */
 
 import dgram from "node:dgram";
-import { LineReader, stdinLines } from "./lines.ts";
+import { endChild, LineReader, stdinLines } from "./lines.ts";
 import { RUNTIME_FLAGS } from "../compile.ts";
 import { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
@@ -577,18 +577,12 @@ class Client implements AsyncDisposable {
   async [Symbol.asyncDispose](): Promise<void> {
     if (this.#disposed) return;
     this.#disposed = true;
-    await this.#stdin.close().catch(() => {});
-    const timer = setTimeout(() => {
-      try {
-        this.#process.kill("SIGKILL");
-      } catch {
-        // Gone already.
-      }
+    await endChild({
+      process: this.#process,
+      stdin: this.#stdin,
+      lines: this.#lines,
+      stderr: this.#stderr,
     }, 5000);
-    await this.#process.status;
-    clearTimeout(timer);
-    await this.#lines.cancel();
-    await this.#stderr.catch(() => "");
   }
 }
 

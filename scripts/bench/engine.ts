@@ -50,7 +50,7 @@
  */
 
 import { OPUS_MAX_PACKET, OpusDecoder, OpusEncoder } from "../../ffi/opus.ts";
-import { LineReader } from "./lines.ts";
+import { endChild, LineReader } from "./lines.ts";
 import { V8_FLAGS } from "../compile.ts";
 import { encoderSettings, frameSamples, OUTPUT_PRESETS } from "../../lib/quality.ts";
 import { writeRaw } from "../../tests/alsa_devices.ts";
@@ -243,18 +243,12 @@ class Child implements AsyncDisposable {
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
-    await this.#stdin.close().catch(() => {});
-    const timer = setTimeout(() => {
-      try {
-        this.#process.kill("SIGKILL");
-      } catch {
-        // Gone already.
-      }
+    await endChild({
+      process: this.#process,
+      stdin: this.#stdin,
+      lines: this.#lines,
+      stderr: this.#stderr,
     }, 10_000);
-    await this.#process.status;
-    clearTimeout(timer);
-    await this.#lines.cancel();
-    await this.#stderr.catch(() => "");
   }
 }
 
@@ -601,9 +595,9 @@ async function figurePaced(
       ours.toFixed(2)
     } CPU-s, GStreamer ${gst.toFixed(2)} CPU-s (2 processes), native C loop ${
       nativeRun.cpu.toFixed(2)
-    } CPU-s (${nativeXruns} xruns); playout depth mean ${depth.toFixed(2)} frames, target ${
-      target.toFixed(2)
-    }; our counters over the window: ${counters.join("; ")}`,
+    } CPU-s (${nativeXruns} xruns in its whole run); playout depth mean ${
+      depth.toFixed(2)
+    } frames, target ${target.toFixed(2)}; our counters over the window: ${counters.join("; ")}`,
   );
 
   const out: BenchResult[] = [

@@ -36,3 +36,30 @@ export async function* stdinLines(): AsyncGenerator<string> {
     await lines.cancel();
   }
 }
+
+/** What {@link endChild} needs of a child process driven over its stdin. */
+export interface DrivenChild {
+  readonly process: Deno.ChildProcess;
+  readonly stdin: WritableStreamDefaultWriter<Uint8Array>;
+  readonly lines: LineReader;
+  readonly stderr: Promise<string>;
+}
+
+/**
+ * Ends a child driven over its stdin: closes the stdin (its cue to finish), waits for it to exit
+ * — SIGKILL after `killAfterMs` — and lets go of its output.
+ */
+export async function endChild(child: DrivenChild, killAfterMs: number): Promise<void> {
+  await child.stdin.close().catch(() => {});
+  const timer = setTimeout(() => {
+    try {
+      child.process.kill("SIGKILL");
+    } catch {
+      // Gone already.
+    }
+  }, killAfterMs);
+  await child.process.status;
+  clearTimeout(timer);
+  await child.lines.cancel();
+  await child.stderr.catch(() => "");
+}
