@@ -16,13 +16,7 @@
 
 import { getLogger } from "@logtape/logtape";
 import { Pcm } from "../ffi/alsa.ts";
-import {
-  inspectPacket,
-  InvalidPacketError,
-  OPUS_MAX_PACKET,
-  OpusDecoder,
-  OpusEncoder,
-} from "../ffi/opus.ts";
+import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { Resampler } from "../ffi/speexdsp.ts";
 import { FrameRing, type ReadSlot } from "./frame_ring.ts";
 import { Registry } from "./metrics.ts";
@@ -42,6 +36,8 @@ import {
   type WorkerMessage,
 } from "./pipeline/messages.ts";
 import { inputMetrics, outputMetrics, transportMetrics } from "./pipeline/pipeline_metrics.ts";
+import { checkMicrophonePacket } from "./pipeline/microphone_packet.ts";
+import { RTP_STATS_BYTES } from "./transport/rtp_header.ts";
 import {
   frameSamples,
   getPreset,
@@ -143,9 +139,6 @@ export interface PipelineStatus {
   readonly preset: PresetName;
   readonly supervisor: SupervisorStatus | null;
 }
-
-/** Samples per channel a microphone packet may carry (2.5, 5, 10, 20, 40, 60 ms at 48 kHz). */
-const PACKET_SAMPLES = new Set([120, 240, 480, 960, 1920, 2880]);
 
 /** Why a microphone packet was refused. */
 export type PushResult = "queued" | "malformed" | "not-running";
@@ -277,6 +270,12 @@ export class AudioService implements AsyncDisposable {
   })();
   readonly #output: Pipeline | null;
   readonly #input: Pipeline | null;
+  /**
+   * Where the input worker counts the RTP input it reads (`RTP_STATS` words; see
+   * {@link AudioService.attachRtpInput}).
+   */
+  readonly rtpInputStats: SharedArrayBuffer = new SharedArrayBuffer(RTP_STATS_BYTES);
+  #rtpAttached = false;
   #state: ControlState;
   readonly #listeners = new Set<FrameListener>();
   readonly #controlListeners = new Set<() => void>();
@@ -348,11 +347,13 @@ export class AudioService implements AsyncDisposable {
         deviceChannels: options.playbackChannels ?? 2,
         ...(options.minDepth !== undefined ? { minDepth: options.minDepth } : {}),
         ...(options.maxDepth !== undefined ? { maxDepth: options.maxDepth } : {}),
+        rtpStats: this.rtpInputStats,
         ...common,
       }),
       (msg) => this.#onWorkerMessage("input", msg),
       options.supervisor,
     );
+    if (this.#input) Atomics.store(this.#input.control, CONTROL.rtpFd, -1);
     // Both pipelines' loss counters exist from the start (0 is news too).
     if (this.#output) this.#t.deviceLost.labels({ pipeline: "output" });
     if (this.#input) this.#t.deviceLost.labels({ pipeline: "input" });
@@ -642,27 +643,11 @@ export class AudioService implements AsyncDisposable {
     const m = this.#micSeries;
     m.received[transport].inc();
     this.#t.receivedBytes.inc(packet.length);
-    const malformed = (reason: keyof typeof m.malformed) => {
-      m.malformed[reason].inc();
-      return "malformed" as const;
-    };
-    if (!Number.isInteger(seq) || seq < 0 || seq > 0xffff) return malformed("sequence");
-    if (!Number.isInteger(timestamp) || timestamp < 0 || timestamp > 0xffffffff) {
-      return malformed("timestamp");
+    const samples = checkMicrophonePacket(packet, seq, timestamp);
+    if (typeof samples === "string") {
+      m.malformed[samples].inc();
+      return "malformed";
     }
-    if (packet.length === 0 || packet.length > Math.min(OPUS_MAX_PACKET, INPUT_RING.slotBytes)) {
-      return malformed("size");
-    }
-    let samples: number;
-    try {
-      const info = inspectPacket(packet);
-      samples = info.samples;
-    } catch (e) {
-      if (e instanceof InvalidPacketError) return malformed("toc");
-      throw e;
-    }
-    // One playout frame per packet: 2.5 to 60 ms, a duration an Opus encoder produces in one call.
-    if (!PACKET_SAMPLES.has(samples)) return malformed("duration");
     const p = this.#input;
     if (!p?.wanted) {
       m.stopped.inc();
@@ -690,6 +675,49 @@ export class AudioService implements AsyncDisposable {
    */
   get microphoneBacklog(): number {
     return this.#input?.ring.available ?? 0;
+  }
+
+  /**
+   * Lends the input worker a bound, non-blocking UDP socket (`fd`) to read RTP input from itself
+   * (see `RtpReceiver`): whenever it wakes for the device, it takes every waiting datagram with
+   * the kernel's arrival time, so no packet wakes the main thread. `payloadType` null accepts any
+   * dynamic payload type. The socket stays the caller's; call {@link detachRtpInput} before
+   * closing it. One socket at a time.
+   *
+   * @throws {ServiceUnavailableError} without a microphone pipeline, or when one is attached
+   */
+  attachRtpInput(fd: number, payloadType: number | null): void {
+    const p = this.#input;
+    if (!p) {
+      throw new ServiceUnavailableError(
+        "Cannot receive RTP: the microphone pipeline is disabled (no playback device)",
+      );
+    }
+    if (this.#rtpAttached) {
+      throw new ServiceUnavailableError("Cannot receive RTP: a socket is attached already");
+    }
+    if (!Number.isInteger(fd) || fd < 0) {
+      throw new RangeError(`Invalid socket descriptor ${fd}: expected an integer of 0 or more`);
+    }
+    this.#rtpAttached = true;
+    Atomics.store(p.control, CONTROL.rtpPayloadType, payloadType ?? -1);
+    Atomics.store(p.control, CONTROL.rtpFd, fd);
+  }
+
+  /**
+   * Takes the RTP socket back from the input worker: once this resolves the worker no longer
+   * reads it (a worker mid-read finishes first — microseconds; one gone for good is not waited
+   * for past a second) and the caller may close it.
+   */
+  async detachRtpInput(): Promise<void> {
+    const p = this.#input;
+    if (!p || !this.#rtpAttached) return;
+    Atomics.store(p.control, CONTROL.rtpFd, -1);
+    const end = performance.now() + 1000;
+    while (Atomics.load(p.control, CONTROL.rtpBusy) !== 0 && performance.now() < end) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    this.#rtpAttached = false;
   }
 
   /**

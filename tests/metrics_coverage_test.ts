@@ -82,7 +82,6 @@ const COVERED: Readonly<Record<string, string>> = {
     "a packet after POST /api/microphone/stop",
   'kvm_audio_frames_dropped_total{reason="input_ring_full"}': "200 packets pushed at once",
   'kvm_audio_frames_dropped_total{reason="listener_slow"}': "a TCP peer that never reads",
-  'kvm_audio_frames_dropped_total{reason="rtp_backlog"}': "RtpSender maxQueued 1, bursts",
   'kvm_audio_connection_drops_total{transport="websocket"}': "the stalled peer closed as too slow",
   'kvm_audio_input_packets_received_total{transport="local"}': "pushMicrophonePacket",
   'kvm_audio_input_packets_received_total{transport="websocket"}': "talk stream",
@@ -116,6 +115,10 @@ const UNREACHABLE: Readonly<Record<string, string>> = {
   'kvm_audio_input_packets_total{result="malformed"}':
     "pushMicrophonePacket refuses empty packets and packets over 1500 bytes before the ring, " +
     "and the worker's playout buffer takes up to 1500 bytes: it never answers malformed",
+  'kvm_audio_frames_dropped_total{reason="rtp_backlog"}':
+    "RtpSender sends each packet at once on a non-blocking socket; only a real interface whose " +
+    "queue backs up fills the socket buffer (EAGAIN/ENOBUFS) — over loopback a datagram leaves " +
+    "the sender's buffer as it is sent",
 };
 
 // Under qemu (scripts/test-arm64.sh) workers start seconds late and PulseAudio cannot be used.
@@ -610,7 +613,7 @@ Deno.test({
     });
 
     await t.step(
-      "unpaced capture: ring full, RTP backlog, a listener that never reads",
+      "unpaced capture: ring full, a listener that never reads",
       async () => {
         await using dir = await tempDir();
         // One second of tone; past its end the file PCM leaves the buffer as it was (the last period
@@ -638,14 +641,8 @@ Deno.test({
           await using server = serveApp(app, ac);
           // The stalled peer: a raw TCP connection that does the handshake and never reads again.
           const { conn } = await rawWebSocket(server.port, "/api/audio/stream");
-          const sink = await udpSink({ keep: false });
-          const rtp = await RtpSender.open(service, {
-            destinations: [`127.0.0.1:${sink.port}`],
-            maxQueued: 1,
-          });
           try {
             service.start();
-            await moved(service, 'kvm_audio_frames_dropped_total{reason="rtp_backlog"}', 30_000);
             await moved(service, 'kvm_audio_frames_dropped_total{reason="listener_slow"}', 30_000);
             await moved(service, 'kvm_audio_connection_drops_total{transport="websocket"}', 30_000);
             // Block the main thread while the worker fills the 64-slot output ring.
@@ -658,8 +655,6 @@ Deno.test({
             await moved(service, key, 1000);
           } finally {
             conn.close();
-            await rtp.close();
-            await sink.close();
           }
         }
         await service.close();

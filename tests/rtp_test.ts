@@ -623,6 +623,9 @@ Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone",
   service.start();
   const receiver = await RtpReceiver.listen(service, { port: 0 });
   assert.equal(receiver.address, "127.0.0.1");
+  // The worker reads the socket: let it start first, or a slow start-up (a loaded machine) would
+  // meet a second of queued packets at once and drop most of them as overflow.
+  await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
   const child = ffmpeg([
     "-re",
     "-f",

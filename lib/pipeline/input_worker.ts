@@ -12,6 +12,13 @@
  * The frame duration follows the packets (their TOC, read by the main thread, comes in the slot's
  * `samples`): a sender may switch between 10 and 20 ms frames and the buffer follows.
  *
+ * **RTP input** does not pass through the main thread: the worker reads the UDP socket the main
+ * thread lent it (`AudioService.attachRtpInput`) each time it wakes for the device, taking every
+ * waiting datagram with the kernel's arrival time (so jitter is measured as the packets came),
+ * and checks and counts each as the main thread's intake would. Packets that came while the
+ * worker was stopped wait in the socket's buffer and are taken (and sorted out by the playout
+ * buffer) when it runs again. Flat pacing reads the ring only.
+ *
  * **Flat pacing** (`pace: "flat"`, benchmarks and offline decoding to an unpaced device): there is
  * no clock but the packets. Each loop turn takes one packet from the ring (waiting for it when
  * the ring is empty — never concealing for want of time), hands it to the playout buffer as
@@ -26,12 +33,15 @@
 import type { Pcm } from "../../ffi/alsa.ts";
 import { OpusDecoder, OpusError } from "../../ffi/opus.ts";
 import { Resampler } from "../../ffi/speexdsp.ts";
+import { realtimeMs, UdpSocket } from "../../ffi/udp.ts";
 import { FrameRing, type ReadSlot } from "../frame_ring.ts";
 import { Registry } from "../metrics.ts";
 import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
 import { CONTROL, epochMs, type InputInit } from "./messages.ts";
-import { inputMetrics } from "./pipeline_metrics.ts";
+import { inputMetrics, transportMetrics } from "./pipeline_metrics.ts";
+import { checkMicrophonePacket } from "./microphone_packet.ts";
+import { readRtp, RTP_MALFORMED_REASONS, RTP_STATS, rtpMetrics } from "../transport/rtp_header.ts";
 import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
@@ -70,6 +80,27 @@ function run(init: InputInit): void {
   };
   const plcLoss = m.concealed.labels({ reason: "loss" });
   const plcDrift = m.concealed.labels({ reason: "drift" });
+  // RTP input read here (see drainRtp), counted in the series the main thread's intake uses.
+  const rtpStats = new Int32Array(init.rtpStats);
+  const datagram = new Uint8Array(65_535); // the largest UDP payload: nothing is cut
+  let rtpSocket: UdpSocket | null = null;
+  const rtpSeries = (() => {
+    const t = transportMetrics(registry);
+    const malformed = (reason: string) => t.malformed.labels({ reason });
+    return {
+      received: t.received.labels({ transport: "rtp" }),
+      bytes: t.receivedBytes,
+      invalid: malformed("rtp"),
+      rtcp: rtpMetrics(registry).rtcpIgnored,
+      malformed: {
+        sequence: malformed("sequence"),
+        timestamp: malformed("timestamp"),
+        size: malformed("size"),
+        toc: malformed("toc"),
+        duration: malformed("duration"),
+      },
+    };
+  })();
 
   try {
     const opts = () => {
@@ -93,21 +124,97 @@ function run(init: InputInit): void {
 
   /** Hands a claimed packet to the playout buffer as arriving at `arrivalMs`. */
   function accept(slot: ReadSlot, arrivalMs: number): void {
-    const n = slot.samples;
-    if (n !== frame && n > 0 && n <= MAX_FRAME) {
-      frame = n;
-      playout.setFrameSamples(n);
-    }
-    const seq = slot.seq & 0xffff;
-    const r = playout.push(seq, slot.t[1]! >>> 0, arrivalMs, slot.data);
-    results[r].inc();
-    if (r === "accepted") arrival[seq] = slot.t[0]!;
+    take(slot.data, slot.seq, slot.t[1]! >>> 0, slot.samples, arrivalMs, slot.t[0]!);
   }
 
-  /** Takes every queued packet; true once the ring ended and is empty. */
+  /**
+   * Hands a packet to the playout buffer (which copies it) as arriving at `arrivalMs`; it was
+   * received at `receivedAt` (the start of its received→played stage).
+   */
+  function take(
+    data: Uint8Array,
+    seq16: number,
+    timestamp: number,
+    samples: number,
+    arrivalMs: number,
+    receivedAt: number,
+  ): void {
+    if (samples !== frame && samples > 0 && samples <= MAX_FRAME) {
+      frame = samples;
+      playout.setFrameSamples(samples);
+    }
+    const seq = seq16 & 0xffff;
+    const r = playout.push(seq, timestamp, arrivalMs, data);
+    results[r].inc();
+    if (r === "accepted") arrival[seq] = receivedAt;
+  }
+
+  /** Takes every queued packet and datagram; true once the ring ended and is empty. */
   function drain(): boolean {
     for (let slot = ring.claim(); slot !== null; slot = ring.claim()) accept(slot, slot.t[0]!);
+    drainRtp();
     return ring.ended && ring.available === 0;
+  }
+
+  /**
+   * Reads every datagram waiting on the RTP input socket the main thread lent
+   * (`AudioService.attachRtpInput`), each as arriving when the kernel received it. Marks itself
+   * busy first and only then looks at the descriptor: the main thread clears the descriptor and
+   * waits for "not busy" before it closes the socket.
+   */
+  function drainRtp(): void {
+    Atomics.store(ctl.words, CONTROL.rtpBusy, 1);
+    try {
+      const fd = Atomics.load(ctl.words, CONTROL.rtpFd);
+      if (fd < 0) return;
+      if (rtpSocket?.fd !== fd) rtpSocket = UdpSocket.borrow(fd);
+      const pt = Atomics.load(ctl.words, CONTROL.rtpPayloadType);
+      let offset = NaN;
+      for (;;) {
+        const n = rtpSocket.receive(datagram);
+        if (n < 0) break; // -EAGAIN: nothing (more) waiting
+        // The kernel's clock is CLOCK_REALTIME; ours is timeOrigin + performance.now().
+        if (Number.isNaN(offset)) offset = epochMs() - realtimeMs();
+        const stamp = rtpSocket.arrivalMs();
+        takeRtp(datagram.subarray(0, n), pt < 0 ? null : pt, stamp + offset || epochMs());
+      }
+    } finally {
+      Atomics.store(ctl.words, CONTROL.rtpBusy, 0);
+    }
+  }
+
+  /** Counts one RTP datagram as `RtpReceiver` accounts for it and plays its Opus payload. */
+  function takeRtp(bytes: Uint8Array, payloadType: number | null, arrivalMs: number): void {
+    Atomics.add(rtpStats, RTP_STATS.datagrams, 1);
+    const r = readRtp(bytes, { payloadType });
+    if (r.kind === "malformed") {
+      Atomics.add(rtpStats, RTP_STATS.malformed + RTP_MALFORMED_REASONS.indexOf(r.reason), 1);
+      rtpSeries.invalid.inc();
+      return;
+    }
+    if (r.kind === "rtcp") {
+      Atomics.add(rtpStats, RTP_STATS.rtcp, 1);
+      rtpSeries.rtcp.inc();
+      return;
+    }
+    const p = r.packet;
+    const ssrc = p.ssrc | 0;
+    if (Atomics.load(rtpStats, RTP_STATS.hasSsrc) === 0) {
+      Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
+      Atomics.store(rtpStats, RTP_STATS.hasSsrc, 1);
+    } else if (Atomics.load(rtpStats, RTP_STATS.ssrc) !== ssrc) {
+      Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
+      Atomics.add(rtpStats, RTP_STATS.ssrcChanges, 1);
+    }
+    Atomics.add(rtpStats, RTP_STATS.accepted, 1);
+    rtpSeries.received.inc();
+    rtpSeries.bytes.inc(p.payload.length);
+    const samples = checkMicrophonePacket(p.payload, p.sequence, p.timestamp);
+    if (typeof samples === "string") {
+      rtpSeries.malformed[samples].inc();
+      return;
+    }
+    take(p.payload, p.sequence, p.timestamp, samples, arrivalMs, arrivalMs);
   }
 
   /**

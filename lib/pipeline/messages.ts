@@ -54,6 +54,15 @@ export const CONTROL = {
    * reopen the device and no codec state leaks.
    */
   orphans: 16,
+  /**
+   * RTP input read by the worker itself (words 22–24): the UDP socket's descriptor, lent by the
+   * main thread (-1: none), the payload type it accepts (-1: any dynamic one), and 1 while the
+   * worker is reading the socket — the main thread clears the descriptor, then waits for this to
+   * be 0 before it closes the socket (see `AudioService.detachRtpInput`).
+   */
+  rtpFd: 22,
+  rtpPayloadType: 23,
+  rtpBusy: 24,
 } as const;
 
 /** The slots of {@link orphanSlots}: what a worker may leave behind. */
@@ -129,6 +138,8 @@ export interface InputInit extends InitCommon {
   /** Playout buffer bounds in frames. */
   readonly minDepth?: number;
   readonly maxDepth?: number;
+  /** Where the worker counts the RTP input it reads ({@link RTP_STATS}). */
+  readonly rtpStats: SharedArrayBuffer;
 }
 
 export type PipelineInit = OutputInit | InputInit;

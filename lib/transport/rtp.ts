@@ -1,6 +1,7 @@
 /**
- * Opus over RTP (RFC 3550 framing, RFC 7587 payload format), both directions: sent over `node:dgram`,
- * received on a `Deno.listenDatagram` socket (see {@link RtpReceiver}).
+ * Opus over RTP (RFC 3550 framing, RFC 7587 payload format), both directions through C-library
+ * sockets: sent synchronously from the frame pump (see {@link RtpSender}), received by the input
+ * worker itself on a socket bound here (see {@link RtpReceiver}).
  *
  * - {@link RtpSender} sends every encoded output frame of the service to one or more UDP
  *   destinations (`--rtp-out HOST:PORT`, repeatable): one Opus packet per RTP packet, a random
@@ -10,8 +11,8 @@
  *   first packet after a gap (mute, frames dropped in the ring, skipped DTX packets). No RTCP is
  *   sent: receivers (ffmpeg, GStreamer, Janus) play RTP without sender reports.
  * - {@link RtpReceiver} listens on a UDP port (`--rtp-in PORT`, 127.0.0.1 unless another host is
- *   configured), validates each datagram as RTP and hands the Opus payload, with its sequence
- *   number and timestamp, to {@link AudioService.pushMicrophonePacket}, which checks the Opus TOC.
+ *   configured) and lends the socket to the input worker, which validates each datagram as RTP
+ *   and checks the Opus payload as {@link AudioService.pushMicrophonePacket} would, then plays it.
  * - {@link writeRtp} / {@link readRtp} are the header codec.
  *
  * Decisions:
@@ -38,7 +39,6 @@
  * @module
  */
 
-import dgram from "node:dgram";
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import { getLogger } from "@logtape/logtape";
@@ -46,6 +46,7 @@ import type { CounterSeries } from "../metrics.ts";
 import { transportMetrics } from "../pipeline/pipeline_metrics.ts";
 import type { AudioService, EncodedFrame } from "../service.ts";
 import { sdpFor } from "./sdp.ts";
+import { ERRNO, errnoText, socketAddress, UdpSocket } from "../../ffi/udp.ts";
 
 const log = getLogger(["kvm-audio", "rtp"]);
 
@@ -53,7 +54,8 @@ export * from "./rtp_header.ts";
 import {
   DEFAULT_OPUS_PAYLOAD_TYPE,
   DYNAMIC_PAYLOAD_TYPES,
-  readRtp,
+  RTP_MALFORMED_REASONS,
+  RTP_STATS,
   type RtpMalformedReason,
   rtpMetrics,
   writeRtp,
@@ -237,27 +239,6 @@ function checkPayloadType(value: unknown): number {
   return value;
 }
 
-function bindSocket(socket: dgram.Socket, port: number, address: string): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const onError = (e: Error) => reject(e);
-    socket.once("error", onError);
-    socket.bind(port, address, () => {
-      socket.off("error", onError);
-      resolve();
-    });
-  });
-}
-
-function closeSocket(socket: dgram.Socket): Promise<void> {
-  return new Promise((resolve) => {
-    try {
-      socket.close(() => resolve());
-    } catch {
-      resolve(); // already closed
-    }
-  });
-}
-
 // ---------------------------------------------------------------------------------------------
 // Sender.
 
@@ -274,8 +255,6 @@ export interface RtpSenderOptions {
   readonly allowMulticast?: boolean;
   /** Also send DTX/silence packets of at most 2 bytes (skipped otherwise). */
   readonly sendDtx?: boolean;
-  /** Packets a destination may have waiting for its socket before the oldest is dropped; 64. */
-  readonly maxQueued?: number;
   /** Fixed SSRC (tests); random when unset. */
   readonly ssrc?: number;
   /** First sequence number (tests); random when unset. */
@@ -304,11 +283,9 @@ export interface RtpSenderStats {
 
 interface Target {
   readonly dest: RtpDestination;
-  readonly socket: dgram.Socket;
-  /** Packets waiting for the socket, oldest first. */
-  readonly queue: Uint8Array[];
-  /** Whether a datagram is in the socket now. */
-  sending: boolean;
+  readonly socket: UdpSocket;
+  /** The destination as a `struct sockaddr`, built once. */
+  readonly to: Uint8Array;
   sent: number;
   sentBytes: number;
   errors: number;
@@ -318,6 +295,13 @@ interface Target {
 /**
  * Sends the service's encoded output frames as Opus RTP to fixed destinations. Open with
  * {@link RtpSender.open}; {@link close} stops it.
+ *
+ * Each packet leaves synchronously, in the turn that handed its frame over, through a
+ * non-blocking C-library socket per destination ({@link UdpSocket}): no completion callback and
+ * so no second event-loop turn per frame (`node:dgram` costs one), and bursts keep their order.
+ * The kernel's socket buffer is the only queue; when it is full (`EAGAIN`/`ENOBUFS`) the packet is
+ * dropped and counted as `frames_dropped_total{reason="rtp_backlog"}` — a fresh packet is worth
+ * more to a live listener than a late one.
  */
 export class RtpSender implements AsyncDisposable {
   readonly #targets: Target[];
@@ -325,7 +309,6 @@ export class RtpSender implements AsyncDisposable {
   readonly #ssrc: number;
   readonly #timestampBase: number;
   readonly #sendDtx: boolean;
-  readonly #maxQueued: number;
   #sequence: number;
   #unsubscribe: (() => void) | null;
   #first = true;
@@ -354,7 +337,6 @@ export class RtpSender implements AsyncDisposable {
     this.#sequence = options.firstSequence ?? randomUint32() & 0xffff;
     this.#timestampBase = options.timestampBase ?? randomUint32();
     this.#sendDtx = options.sendDtx ?? false;
-    this.#maxQueued = options.maxQueued ?? 64;
     const t = transportMetrics(source.metrics);
     const r = rtpMetrics(source.metrics);
     this.#m = {
@@ -388,7 +370,6 @@ export class RtpSender implements AsyncDisposable {
         ["SSRC", options.ssrc, 0, 0xffffffff],
         ["first sequence number", options.firstSequence, 0, 0xffff],
         ["timestamp base", options.timestampBase, 0, 0xffffffff],
-        ["queue limit", options.maxQueued, 1, 1 << 20],
       ] as const
     ) {
       if (v !== undefined && (!Number.isInteger(v) || v < min || v > max)) {
@@ -409,30 +390,32 @@ export class RtpSender implements AsyncDisposable {
     const targets: Target[] = [];
     try {
       for (const dest of dests) {
-        const socket = dgram.createSocket(dest.family === 6 ? "udp6" : "udp4");
-        const target: Target = {
+        // Bound to the loopback address for a loopback destination, so nothing else is bound.
+        const loopback = addressScope(dest.address) === "loopback";
+        const bindTo = dest.family === 6
+          ? (loopback ? "::1" : "::")
+          : (loopback ? "127.0.0.1" : "0.0.0.0");
+        let socket: UdpSocket;
+        try {
+          socket = UdpSocket.open(bindTo, 0);
+        } catch (e) {
+          throw new Error(
+            `Cannot open an RTP socket for ${dest.address}:${dest.port}: ${(e as Error).message}`,
+            { cause: e },
+          );
+        }
+        targets.push({
           dest,
           socket,
-          queue: [],
-          sending: false,
+          to: socketAddress(dest.address, dest.port),
           sent: 0,
           sentBytes: 0,
           errors: 0,
           lastError: null,
-        };
-        targets.push(target);
-        const loopback = addressScope(dest.address) === "loopback";
-        await bindSocket(
-          socket,
-          0,
-          dest.family === 6 ? (loopback ? "::1" : "::") : (loopback ? "127.0.0.1" : "0.0.0.0"),
-        );
-        // Nothing is expected back; drain whatever arrives so it does not queue up.
-        socket.on("message", () => {});
-        socket.on("error", (e) => RtpSender.#failed(target, e, null));
+        });
       }
     } catch (e) {
-      await Promise.all(targets.map((t) => closeSocket(t.socket)));
+      for (const t of targets) t.socket.close();
       throw e;
     }
     const sender = new RtpSender(source, targets, options);
@@ -486,47 +469,18 @@ export class RtpSender implements AsyncDisposable {
     for (const t of this.#targets) this.#send(t, packet);
   }
 
-  /**
-   * Queues `packet` for `t`. One datagram per destination is in the socket at a time, the next
-   * one leaves from the previous one's callback: Deno's `node:dgram` (2.9.5) delivers datagrams
-   * sent in one synchronous burst in reverse order, which would reorder every burst of frames the
-   * service hands over after a stall. When the queue is full the oldest packet is dropped (a
-   * fresh packet is worth more to a live listener).
-   */
+  /** Sends `packet` to `t` now; a full socket buffer drops it (see the class notes). */
   #send(t: Target, packet: Uint8Array): void {
-    if (t.queue.length >= this.#maxQueued) {
-      t.queue.shift();
+    const n = t.socket.sendTo(packet, t.to);
+    if (n >= 0) {
+      t.sent++;
+      t.sentBytes += packet.length;
+      this.#m.sent.inc();
+      this.#m.sentBytes.inc(packet.length);
+    } else if (n === -ERRNO.EAGAIN || n === -ERRNO.ENOBUFS) {
       this.#m.backlog.inc();
-    }
-    t.queue.push(packet);
-    if (!t.sending) this.#pump(t);
-  }
-
-  #pump(t: Target): void {
-    const packet = t.queue.shift();
-    if (packet === undefined || this.#closed) {
-      t.sending = false;
-      return;
-    }
-    t.sending = true;
-    const done = (err: Error | null) => {
-      if (this.#closed) return; // the socket was closed under it: not a send error
-      if (err) {
-        RtpSender.#failed(t, err, this.#m.sendErrors);
-      } else {
-        t.sent++;
-        t.sentBytes += packet.length;
-        this.#m.sent.inc();
-        this.#m.sentBytes.inc(packet.length);
-      }
-      this.#pump(t);
-    };
-    try {
-      t.socket.send(packet, t.dest.port, t.dest.address, done);
-    } catch (e) {
-      // Synchronous refusals (a closed socket); go on with the next packet later.
-      RtpSender.#failed(t, e as Error, this.#m.sendErrors);
-      queueMicrotask(() => this.#pump(t));
+    } else {
+      RtpSender.#failed(t, new Error(errnoText(-n)), this.#m.sendErrors);
     }
   }
 
@@ -577,12 +531,14 @@ export class RtpSender implements AsyncDisposable {
   }
 
   /** Stops sending and closes the sockets. Idempotent. */
+  // Async for callers that await it (the sockets close synchronously).
+  // deno-lint-ignore require-await
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     this.#unsubscribe?.();
     this.#unsubscribe = null;
-    await Promise.all(this.#targets.map((t) => closeSocket(t.socket)));
+    for (const t of this.#targets) t.socket.close();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
@@ -594,7 +550,10 @@ export class RtpSender implements AsyncDisposable {
 // Receiver.
 
 /** What the receiver needs of the service. */
-export type MicrophoneSink = Pick<AudioService, "pushMicrophonePacket" | "metrics">;
+export type MicrophoneSink = Pick<
+  AudioService,
+  "attachRtpInput" | "detachRtpInput" | "rtpInputStats"
+>;
 
 /** Options of {@link RtpReceiver.listen}. */
 export interface RtpReceiverOptions {
@@ -623,85 +582,44 @@ export interface RtpReceiverStats {
 }
 
 /**
- * Receives Opus RTP on a UDP port and feeds the payloads to the microphone pipeline. Start with
+ * Receives Opus RTP on a UDP port for the microphone pipeline. Start with
  * {@link RtpReceiver.listen}; {@link close} stops it.
  *
- * The socket is Deno's own (`Deno.listenDatagram`, which needs `--unstable-net`; `deno task start`
- * and the executable have it), read into one reused buffer: `node:dgram` in Deno 2.9.5 allocates
- * and zeroes a 64 KiB buffer per datagram, ≈ 100 µs of CPU per packet more at 100 packets/s on the
- * CI-class VM (measured with a 10 ms timer loop over 1000 packets: 388 against 282 µs per packet).
- * Its receive buffer is the kernel's default (`net.core.rmem_default`, ≈ 200 KiB here: seconds of
- * a 100-packet/s stream).
+ * The socket is bound here, on the main thread — so a bad address or a port in use fails the
+ * start-up with a message — and lent to the input worker (`AudioService.attachRtpInput`), which
+ * reads it whenever it wakes for the device and checks each datagram itself. No RTP packet wakes
+ * the main thread: a Deno event-loop turn per packet cost ≈ 0.5–0.6 CPU-s per audio minute at
+ * 100 packets/s on the CI-class VM (with `Deno.listenDatagram`; `node:dgram` cost ≈ 100 µs per
+ * packet more). The worker takes each datagram with the kernel's arrival time (`SIOCGSTAMPNS`),
+ * so the playout buffer measures jitter as the packets came. Its receive buffer is the kernel's
+ * default (`net.core.rmem_default`, ≈ 200 KiB here: seconds of a 100-packet/s stream), which also
+ * holds what comes while the microphone pipeline is stopped or restarting.
  */
 export class RtpReceiver implements AsyncDisposable {
-  readonly #conn: Deno.DatagramConn;
-  readonly #loop: Promise<void>;
+  readonly #socket: UdpSocket;
   readonly #sink: MicrophoneSink;
-  readonly #payloadType: number | null;
+  readonly #stats: Int32Array;
   readonly #port: number;
   readonly #address: string;
-  #datagrams = 0;
-  #accepted = 0;
-  #rtcp = 0;
-  #ssrcChanges = 0;
-  #ssrc: number | null = null;
-  readonly #malformed: Record<RtpMalformedReason, number> = {
-    short: 0,
-    version: 0,
-    csrc: 0,
-    extension: 0,
-    padding: 0,
-    empty: 0,
-    payload_type: 0,
-    rtcp: 0,
-  };
-  readonly #malformedMetric: Count;
-  readonly #rtcpMetric: Count;
-  #lastReason: RtpMalformedReason | null = null;
   #closed = false;
 
-  private constructor(
-    conn: Deno.DatagramConn,
-    sink: MicrophoneSink,
-    payloadType: number | null,
-  ) {
-    this.#conn = conn;
+  private constructor(socket: UdpSocket, sink: MicrophoneSink, address: string) {
+    this.#socket = socket;
     this.#sink = sink;
-    this.#payloadType = payloadType;
-    const a = conn.addr as Deno.NetAddr;
-    this.#port = a.port;
-    this.#address = a.hostname;
-    this.#malformedMetric = transportMetrics(sink.metrics).malformed.labels({ reason: "rtp" });
-    this.#rtcpMetric = rtpMetrics(sink.metrics).rtcpIgnored;
-    this.#loop = this.#receive();
-  }
-
-  /** Reads datagrams into one buffer until closed; each is handled before the next read. */
-  async #receive(): Promise<void> {
-    // The largest UDP payload: a longer datagram would be truncated, not refused.
-    const buffer = new Uint8Array(65_535);
-    for (;;) {
-      let datagram: Uint8Array;
-      try {
-        [datagram] = await this.#conn.receive(buffer);
-      } catch (e) {
-        if (this.#closed || e instanceof Deno.errors.BadResource) return;
-        log.error("RTP input socket failed: {error}", { error: (e as Error).message });
-        await new Promise((r) => setTimeout(r, 100)); // a transient error: do not spin on it
-        continue;
-      }
-      this.#onDatagram(datagram);
-    }
+    this.#stats = new Int32Array(sink.rtpInputStats);
+    this.#port = socket.port;
+    this.#address = address;
   }
 
   /**
-   * Binds the port and starts feeding `sink`.
+   * Binds the port and lends the socket to `sink`'s microphone pipeline.
    *
    * @throws {TypeError} / {RangeError} for a bad option
    * @throws {Error} when the port cannot be bound (the socket error as `cause`)
+   * @throws {ServiceUnavailableError} when the service has no microphone pipeline
    */
-  // Async with nothing to await since the socket is Deno's: kept so that every failure (a bad
-  // option, a port in use) is a rejection, as callers and tests expect.
+  // Async with nothing to await: kept so that every failure (a bad option, a port in use) is a
+  // rejection, as callers and tests expect.
   // deno-lint-ignore require-await
   static async listen(sink: MicrophoneSink, options: RtpReceiverOptions): Promise<RtpReceiver> {
     const port = options?.port;
@@ -719,57 +637,25 @@ export class RtpReceiver implements AsyncDisposable {
     }
     const payloadType = options.payloadType == null ? null : checkPayloadType(options.payloadType);
     const where = `${family === 6 ? `[${host}]` : host}:${port}`;
-    if (typeof Deno.listenDatagram !== "function") {
-      throw new Error(
-        `Cannot listen for RTP on ${where}: Deno.listenDatagram is missing, expected a run with --unstable-net (deno task start and the executable have it)`,
-      );
-    }
-    let conn: Deno.DatagramConn;
+    let socket: UdpSocket;
     try {
-      conn = Deno.listenDatagram({ transport: "udp", hostname: host, port });
+      socket = UdpSocket.open(host, port);
     } catch (e) {
       throw new Error(`Cannot listen for RTP on ${where}: ${(e as Error).message}`, { cause: e });
     }
-    const receiver = new RtpReceiver(conn, sink, payloadType);
+    try {
+      sink.attachRtpInput(socket.fd, payloadType);
+    } catch (e) {
+      socket.close();
+      throw e;
+    }
+    const receiver = new RtpReceiver(socket, sink, host);
     log.info("Receiving Opus RTP on {address}:{port} (payload type {pt})", {
-      address: receiver.#address,
+      address: host,
       port: receiver.#port,
       pt: payloadType ?? "96-127",
     });
     return receiver;
-  }
-
-  #onDatagram(msg: Uint8Array): void {
-    this.#datagrams++;
-    const r = readRtp(msg, { payloadType: this.#payloadType });
-    if (r.kind === "malformed") {
-      this.#malformed[r.reason]++;
-      this.#malformedMetric.inc();
-      if (this.#lastReason !== r.reason) {
-        log.debug("Dropped malformed RTP: {message}", { message: r.message });
-        this.#lastReason = r.reason;
-      }
-      return;
-    }
-    if (r.kind === "rtcp") {
-      this.#rtcp++;
-      this.#rtcpMetric.inc();
-      return;
-    }
-    const p = r.packet;
-    if (this.#ssrc !== p.ssrc) {
-      if (this.#ssrc !== null) {
-        this.#ssrcChanges++;
-        log.info("RTP input SSRC changed from {from} to {to}", { from: this.#ssrc, to: p.ssrc });
-      }
-      this.#ssrc = p.ssrc;
-    }
-    this.#accepted++;
-    try {
-      this.#sink.pushMicrophonePacket(p.payload, p.sequence, p.timestamp, "rtp");
-    } catch (e) {
-      log.error("Cannot queue an RTP payload: {error}", { error: (e as Error).message });
-    }
   }
 
   /** The bound port. */
@@ -782,24 +668,28 @@ export class RtpReceiver implements AsyncDisposable {
     return this.#address;
   }
 
-  /** Counts so far. */
+  /** Counts so far (kept by the input worker as it reads). */
   get stats(): RtpReceiverStats {
+    const w = this.#stats;
+    const at = (i: number) => Atomics.load(w, i);
+    const malformed = {} as Record<RtpMalformedReason, number>;
+    RTP_MALFORMED_REASONS.forEach((r, i) => malformed[r] = at(RTP_STATS.malformed + i));
     return {
-      datagrams: this.#datagrams,
-      accepted: this.#accepted,
-      malformed: { ...this.#malformed },
-      rtcp: this.#rtcp,
-      ssrcChanges: this.#ssrcChanges,
-      ssrc: this.#ssrc,
+      datagrams: at(RTP_STATS.datagrams),
+      accepted: at(RTP_STATS.accepted),
+      malformed,
+      rtcp: at(RTP_STATS.rtcp),
+      ssrcChanges: at(RTP_STATS.ssrcChanges),
+      ssrc: at(RTP_STATS.hasSsrc) === 0 ? null : at(RTP_STATS.ssrc) >>> 0,
     };
   }
 
-  /** Stops receiving and closes the socket. Idempotent. */
+  /** Takes the socket back from the worker and closes it. Idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    this.#conn.close();
-    await this.#loop;
+    await this.#sink.detachRtpInput();
+    this.#socket.close();
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

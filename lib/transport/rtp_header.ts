@@ -293,6 +293,39 @@ export function readRtp(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Receive counts in shared memory.
+
+/** Every {@link RtpMalformedReason}, in the order of their words in {@link RTP_STATS}. */
+export const RTP_MALFORMED_REASONS: readonly RtpMalformedReason[] = [
+  "short",
+  "version",
+  "csrc",
+  "extension",
+  "padding",
+  "empty",
+  "payload_type",
+  "rtcp",
+];
+
+/**
+ * Int32 words of the block in which the thread reading RTP input counts it, for `RtpReceiver.stats`
+ * on another thread: datagrams, valid RTP, RTCP ignored, SSRC changes, the latest SSRC (as int32)
+ * and whether there is one, then one word per {@link RTP_MALFORMED_REASONS} entry.
+ */
+export const RTP_STATS = {
+  datagrams: 0,
+  accepted: 1,
+  rtcp: 2,
+  ssrcChanges: 3,
+  ssrc: 4,
+  hasSsrc: 5,
+  malformed: 6,
+} as const;
+
+/** Bytes of an {@link RTP_STATS} block. */
+export const RTP_STATS_BYTES = (RTP_STATS.malformed + RTP_MALFORMED_REASONS.length) * 4;
+
+// ---------------------------------------------------------------------------------------------
 // Metrics.
 
 /** RTP-only series (the shared ones are in `transportMetrics`). */
