@@ -29,13 +29,9 @@ export type Target = keyof typeof TARGETS;
  */
 export const V8_FLAGS = ["--max-semi-space-size=1"];
 
-/**
- * Permissions, V8 flags and unstable APIs baked into the executable: the same as `deno task start`.
- * `--unstable-net` is for `Deno.listenDatagram` (the RTP receiver, see lib/transport/rtp.ts).
- */
+/** Permissions and V8 flags baked into the executable: the same as `deno task start`. */
 export const RUNTIME_FLAGS = [
   `--v8-flags=${V8_FLAGS.join(",")}`,
-  "--unstable-net",
   "--allow-ffi",
   "--allow-read",
   "--allow-write",

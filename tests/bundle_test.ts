@@ -62,7 +62,6 @@ Deno.test("the bundled program runs from an empty directory outside the source t
   const child = new Deno.Command(Deno.execPath(), {
     args: [
       "run",
-      "--unstable-net",
       "--allow-ffi",
       `--allow-read=${run}`,
       `--allow-write=${audio}`,

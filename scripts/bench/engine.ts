@@ -99,7 +99,6 @@ const ROOT = new URL("../../", import.meta.url).pathname;
 const CHILD = new URL("./engine_service.ts", import.meta.url).pathname;
 const CHILD_FLAGS = [
   "--no-prompt",
-  "--unstable-net",
   "--allow-ffi",
   "--allow-read",
   "--allow-write",
