@@ -287,6 +287,12 @@ export function parseConfig(
   for (const d of rtpOut) parseListen(d, "rtp-out");
   const rtpIn = get("rtp-in");
   const stateFlag = get("state-file");
+  if (rtpIn !== undefined && bool("no-mic")) {
+    // The microphone pipeline's worker is what reads RTP input.
+    throw new ConfigError(
+      `Refusing --rtp-in ${rtpIn} with --no-mic: RTP input plays into the microphone pipeline`,
+    );
+  }
 
   return {
     capture: bool("no-output") ? null : get("capture")!,

@@ -56,6 +56,10 @@ Deno.test("bad flags are errors naming the flag and the allowed values", () => {
     /KVM_AUDIO_NO_MIC/,
   );
   assert.throws(() => parseConfig(["--rtp-out", "host"], noEnv), /--rtp-out/);
+  assert.throws(
+    () => parseConfig(["--rtp-in", "5004", "--no-mic"], noEnv),
+    /Refusing --rtp-in 5004 with --no-mic/,
+  );
 });
 
 Deno.test("listening off loopback requires a token", () => {

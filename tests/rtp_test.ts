@@ -687,6 +687,66 @@ Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone",
   assert.ok(Math.abs(level - want) < 2, `level ${level.toFixed(2)} vs ${want.toFixed(2)} dBFS`);
 });
 
+Deno.test("RTP in: what came while the microphone was stopped is dropped as stale, the rest plays", async () => {
+  await using dir = await tempDir();
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_test_playback: { type: "file", outfile: `${dir.path}/out.raw` },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  const service = new AudioService({
+    capture: null,
+    playback: "kvm_test_playback",
+    pace: "clock",
+    metricsIntervalMs: 50,
+  });
+  const json = () => service.metrics.toJSON();
+  const stale = () =>
+    counter(json(), "kvm_audio_frames_dropped_total", 'reason="microphone_stopped"');
+  const socket = await udpSender();
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    await service.stopMicrophone();
+    // 20 ms packets of a 500 Hz tone: 20 while stopped, then 80 once running again.
+    const opus = micPackets("high", tone({ freq: 500, frames: 48000 * 2, amplitude: 0.4 }));
+    const send = (i: number) =>
+      socket.send(
+        writeRtp({ payloadType: 111, sequence: i, timestamp: i * 960, ssrc: 5 }, opus[i]!),
+        receiver.port,
+      );
+    for (let i = 0; i < 20; i++) await send(i);
+    await sleep(100);
+    service.startMicrophone();
+    await waitFor("the microphone pipeline again", () => service.microphoneStatus().running);
+    for (let i = 20; i < 100; i++) {
+      await send(i);
+      await sleep(20);
+    }
+    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
+    await waitFor("the fresh packets played", () => decoded() >= 75);
+    await waitFor("the stale ones counted", () => stale() === 20);
+    const stats = receiver.stats;
+    assert.equal(stats.accepted, 80, "stale datagrams are not read as RTP");
+    assert.equal(stats.datagrams, 80);
+    // The worker's counters reach the main registry with its next snapshot.
+    await waitFor(
+      "80 received",
+      () => counter(json(), "kvm_audio_input_packets_received_total", 'transport="rtp"') === 80,
+    );
+    await receiver.close();
+  } finally {
+    await socket.close();
+    await service.close();
+  }
+  // What played is the tone (the stale packets did not come first).
+  const out = channel(await readRaw(`${dir.path}/out.raw`), 2);
+  const start = out.findIndex((v) => Math.abs(v) > 0.2);
+  assert.ok(start >= 0, "the playback file holds sound");
+  const f = dominantFrequency(out.subarray(start + 4800, start + 4800 + 48000), 48000);
+  assert.ok(Math.abs(f - 500) < 6, `dominant frequency ${f.toFixed(1)} Hz`);
+});
+
 // -------------------------------------------------------------------------------------------
 // Fuzz.
 

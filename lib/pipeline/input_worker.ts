@@ -15,9 +15,10 @@
  * **RTP input** does not pass through the main thread: the worker reads the UDP socket the main
  * thread lent it (`AudioService.attachRtpInput`) each time it wakes for the device, taking every
  * waiting datagram with the kernel's arrival time (so jitter is measured as the packets came),
- * and checks and counts each as the main thread's intake would. Packets that came while the
- * worker was stopped wait in the socket's buffer and are taken (and sorted out by the playout
- * buffer) when it runs again. Flat pacing reads the ring only.
+ * and checks and counts each as the main thread's intake would. Datagrams that came before the
+ * worker started (the microphone was stopped, or the worker restarting) are dropped unread and
+ * counted as `frames_dropped_total{reason="microphone_stopped"}`, as the main thread counts
+ * packets pushed while the microphone is stopped. Flat pacing reads the ring only.
  *
  * **Flat pacing** (`pace: "flat"`, benchmarks and offline decoding to an unpaced device): there is
  * no clock but the packets. Each loop turn takes one packet from the ring (waiting for it when
@@ -82,6 +83,8 @@ function run(init: InputInit): void {
   const plcDrift = m.concealed.labels({ reason: "drift" });
   // RTP input read here (see drainRtp), counted in the series the main thread's intake uses.
   const rtpStats = new Int32Array(init.rtpStats);
+  /** Datagrams that arrived before this worker started are dropped as stale. */
+  const liveSince = epochMs();
   const datagram = new Uint8Array(65_535); // the largest UDP payload: nothing is cut
   let rtpSocket: UdpSocket | null = null;
   const rtpSeries = (() => {
@@ -91,6 +94,7 @@ function run(init: InputInit): void {
       received: t.received.labels({ transport: "rtp" }),
       bytes: t.receivedBytes,
       invalid: malformed("rtp"),
+      stale: t.dropped.labels({ reason: "microphone_stopped" }),
       rtcp: rtpMetrics(registry).rtcpIgnored,
       malformed: {
         sequence: malformed("sequence"),
@@ -175,8 +179,13 @@ function run(init: InputInit): void {
         if (n < 0) break; // -EAGAIN: nothing (more) waiting
         // The kernel's clock is CLOCK_REALTIME; ours is timeOrigin + performance.now().
         if (Number.isNaN(offset)) offset = epochMs() - realtimeMs();
-        const stamp = rtpSocket.arrivalMs();
-        takeRtp(datagram.subarray(0, n), pt < 0 ? null : pt, stamp + offset || epochMs());
+        const arrivalMs = rtpSocket.arrivalMs() + offset || epochMs();
+        if (arrivalMs < liveSince) {
+          // It came while no worker was reading (microphone stopped, or a restart): stale.
+          rtpSeries.stale.inc();
+          continue;
+        }
+        takeRtp(datagram.subarray(0, n), pt < 0 ? null : pt, arrivalMs);
       }
     } finally {
       Atomics.store(ctl.words, CONTROL.rtpBusy, 0);

@@ -567,7 +567,10 @@ export interface RtpReceiverOptions {
 
 /** Counts of an {@link RtpReceiver}. */
 export interface RtpReceiverStats {
-  /** Datagrams the socket delivered. */
+  /**
+   * Datagrams the microphone pipeline read (not those that came while it was stopped: those are
+   * dropped unread, counted as `frames_dropped_total{reason="microphone_stopped"}`).
+   */
   readonly datagrams: number;
   /** Valid RTP handed to the service. */
   readonly accepted: number;
