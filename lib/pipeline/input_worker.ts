@@ -182,6 +182,8 @@ function run(init: InputInit): void {
         const arrivalMs = rtpSocket.arrivalMs() + offset || epochMs();
         if (arrivalMs < liveSince) {
           // It came while no worker was reading (microphone stopped, or a restart): stale.
+          Atomics.add(rtpStats, RTP_STATS.datagrams, 1);
+          Atomics.add(rtpStats, RTP_STATS.stale, 1);
           rtpSeries.stale.inc();
           continue;
         }

@@ -567,10 +567,7 @@ export interface RtpReceiverOptions {
 
 /** Counts of an {@link RtpReceiver}. */
 export interface RtpReceiverStats {
-  /**
-   * Datagrams the microphone pipeline read (not those that came while it was stopped: those are
-   * dropped unread, counted as `frames_dropped_total{reason="microphone_stopped"}`).
-   */
+  /** Datagrams read from the socket: `accepted` + `malformed` + `rtcp` + `stale`. */
   readonly datagrams: number;
   /** Valid RTP handed to the service. */
   readonly accepted: number;
@@ -578,6 +575,11 @@ export interface RtpReceiverStats {
   readonly malformed: Readonly<Record<RtpMalformedReason, number>>;
   /** RTCP ignored. */
   readonly rtcp: number;
+  /**
+   * Datagrams that came while the microphone pipeline was stopped or restarting, dropped unread
+   * (also counted as `frames_dropped_total{reason="microphone_stopped"}`).
+   */
+  readonly stale: number;
   /** Times the SSRC changed after the first packet. */
   readonly ssrcChanges: number;
   /** SSRC of the latest valid packet; null before the first. */
@@ -682,6 +684,7 @@ export class RtpReceiver implements AsyncDisposable {
       accepted: at(RTP_STATS.accepted),
       malformed,
       rtcp: at(RTP_STATS.rtcp),
+      stale: at(RTP_STATS.stale),
       ssrcChanges: at(RTP_STATS.ssrcChanges),
       ssrc: at(RTP_STATS.hasSsrc) === 0 ? null : at(RTP_STATS.ssrc) >>> 0,
     };

@@ -309,17 +309,19 @@ export const RTP_MALFORMED_REASONS: readonly RtpMalformedReason[] = [
 
 /**
  * Int32 words of the block in which the thread reading RTP input counts it, for `RtpReceiver.stats`
- * on another thread: datagrams, valid RTP, RTCP ignored, SSRC changes, the latest SSRC (as int32)
- * and whether there is one, then one word per {@link RTP_MALFORMED_REASONS} entry.
+ * on another thread: datagrams read, valid RTP, RTCP ignored, stale datagrams dropped unread, SSRC
+ * changes, the latest SSRC (as int32) and whether there is one, then one word per
+ * {@link RTP_MALFORMED_REASONS} entry.
  */
 export const RTP_STATS = {
   datagrams: 0,
   accepted: 1,
   rtcp: 2,
-  ssrcChanges: 3,
-  ssrc: 4,
-  hasSsrc: 5,
-  malformed: 6,
+  stale: 3,
+  ssrcChanges: 4,
+  ssrc: 5,
+  hasSsrc: 6,
+  malformed: 7,
 } as const;
 
 /** Bytes of an {@link RTP_STATS} block. */
