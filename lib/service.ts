@@ -35,7 +35,12 @@ import {
   type Pace,
   type WorkerMessage,
 } from "./pipeline/messages.ts";
-import { inputMetrics, outputMetrics, transportMetrics } from "./pipeline/pipeline_metrics.ts";
+import {
+  inputMetrics,
+  microphoneMalformedSeries,
+  outputMetrics,
+  transportMetrics,
+} from "./pipeline/pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./pipeline/microphone_packet.ts";
 import { RTP_STATS_BYTES } from "./transport/rtp_header.ts";
 import {
@@ -250,20 +255,13 @@ export class AudioService implements AsyncDisposable {
   /** The series {@link AudioService.pushMicrophonePacket} counts in, bound once (per packet). */
   readonly #micSeries = (() => {
     const t = this.#t;
-    const malformed = (reason: string) => t.malformed.labels({ reason });
     return {
       received: {
         websocket: t.received.labels({ transport: "websocket" }),
         rtp: t.received.labels({ transport: "rtp" }),
         local: t.received.labels({ transport: "local" }),
       },
-      malformed: {
-        sequence: malformed("sequence"),
-        timestamp: malformed("timestamp"),
-        size: malformed("size"),
-        toc: malformed("toc"),
-        duration: malformed("duration"),
-      },
+      malformed: microphoneMalformedSeries(t),
       stopped: t.dropped.labels({ reason: "microphone_stopped" }),
       ringFull: t.dropped.labels({ reason: "input_ring_full" }),
     };

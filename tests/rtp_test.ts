@@ -604,22 +604,32 @@ Deno.test("RTP out → ffmpeg: the SDP and stream decode to the captured tone", 
   );
 });
 
+/**
+ * A service with the microphone pipeline only, playing into a file PCM in `dir` (clock pace);
+ * dispose `alsa` to restore the ALSA configuration.
+ */
+async function microphoneService(dir: string, metricsIntervalMs: number) {
+  const outfile = `${dir}/out.raw`;
+  const cfg = await writeAlsaConfig(dir, { kvm_test_playback: { type: "file", outfile } });
+  const alsa = useAlsaConfig(cfg);
+  const service = new AudioService({
+    capture: null,
+    playback: "kvm_test_playback",
+    pace: "clock",
+    metricsIntervalMs,
+  });
+  return { service, outfile, alsa };
+}
+
 Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone", async () => {
   await using dir = await tempDir();
-  const outfile = `${dir.path}/out.raw`;
-  const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
-  using _cfg = useAlsaConfig(cfg);
+  const { service, outfile, alsa } = await microphoneService(dir.path, 100);
+  using _cfg = alsa;
   const seconds = 4;
   await writeRaw(
     `${dir.path}/tone.raw`,
     tone({ freq: 600, frames: 48000 * seconds, amplitude: 0.4 }),
   );
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_test_playback",
-    pace: "clock",
-    metricsIntervalMs: 100,
-  });
   service.start();
   const receiver = await RtpReceiver.listen(service, { port: 0 });
   assert.equal(receiver.address, "127.0.0.1");
@@ -689,16 +699,8 @@ Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone",
 
 Deno.test("RTP in: what came while the microphone was stopped is dropped as stale, the rest plays", async () => {
   await using dir = await tempDir();
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_playback: { type: "file", outfile: `${dir.path}/out.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_test_playback",
-    pace: "clock",
-    metricsIntervalMs: 50,
-  });
+  const { service, outfile, alsa } = await microphoneService(dir.path, 50);
+  using _cfg = alsa;
   const json = () => service.metrics.toJSON();
   const stale = () =>
     counter(json(), "kvm_audio_frames_dropped_total", 'reason="microphone_stopped"');
@@ -741,7 +743,7 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
     await service.close();
   }
   // What played is the tone (the stale packets did not come first).
-  const out = channel(await readRaw(`${dir.path}/out.raw`), 2);
+  const out = channel(await readRaw(outfile), 2);
   const start = out.findIndex((v) => Math.abs(v) > 0.2);
   assert.ok(start >= 0, "the playback file holds sound");
   const f = dominantFrequency(out.subarray(start + 4800, start + 4800 + 48000), 48000);
@@ -753,16 +755,8 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
 
 Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for every one", async () => {
   await using dir = await tempDir();
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_playback: { type: "file", outfile: `${dir.path}/out.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_test_playback",
-    pace: "clock",
-    metricsIntervalMs: 200,
-  });
+  const { service, alsa } = await microphoneService(dir.path, 200);
+  using _cfg = alsa;
   service.start();
   const receiver = await RtpReceiver.listen(service, { port: 0, payloadType: 111 });
   const socket = await udpSender();

@@ -40,7 +40,7 @@ import { Registry } from "../metrics.ts";
 import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
 import { CONTROL, epochMs, type InputInit } from "./messages.ts";
-import { inputMetrics, transportMetrics } from "./pipeline_metrics.ts";
+import { inputMetrics, microphoneMalformedSeries, transportMetrics } from "./pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./microphone_packet.ts";
 import { readRtp, RTP_MALFORMED_REASONS, RTP_STATS, rtpMetrics } from "../transport/rtp_header.ts";
 import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
@@ -89,20 +89,13 @@ function run(init: InputInit): void {
   let rtpSocket: UdpSocket | null = null;
   const rtpSeries = (() => {
     const t = transportMetrics(registry);
-    const malformed = (reason: string) => t.malformed.labels({ reason });
     return {
       received: t.received.labels({ transport: "rtp" }),
       bytes: t.receivedBytes,
-      invalid: malformed("rtp"),
+      invalid: t.malformed.labels({ reason: "rtp" }),
       stale: t.dropped.labels({ reason: "microphone_stopped" }),
       rtcp: rtpMetrics(registry).rtcpIgnored,
-      malformed: {
-        sequence: malformed("sequence"),
-        timestamp: malformed("timestamp"),
-        size: malformed("size"),
-        toc: malformed("toc"),
-        duration: malformed("duration"),
-      },
+      malformed: microphoneMalformedSeries(t),
     };
   })();
 

@@ -22,6 +22,7 @@
  * @module
  */
 
+import type { MicrophoneMalformed } from "./microphone_packet.ts";
 import type { Registry } from "../metrics.ts";
 
 /** Output worker series. */
@@ -132,6 +133,21 @@ export function transportMetrics(r: Registry) {
     ),
     encodedToHanded: stage.labels({ stage: "encoded_to_handed" }),
   };
+}
+
+/**
+ * The malformed-packet series of every reason `checkMicrophonePacket` gives, bound once: for the
+ * main thread's intake and the input worker's RTP intake alike.
+ */
+export function microphoneMalformedSeries(t: ReturnType<typeof transportMetrics>) {
+  const series = (reason: MicrophoneMalformed) => t.malformed.labels({ reason });
+  return {
+    sequence: series("sequence"),
+    timestamp: series("timestamp"),
+    size: series("size"),
+    toc: series("toc"),
+    duration: series("duration"),
+  } satisfies Record<MicrophoneMalformed, unknown>;
 }
 
 function stageLatency(r: Registry) {
