@@ -767,6 +767,7 @@ export class AudioService implements AsyncDisposable {
         break;
       case "metrics":
       case "ended":
+      case "stopped":
         this.metrics.absorb(kind, msg.snapshot);
         break;
       case "preset":

@@ -33,7 +33,11 @@
  * crash, `{ type: "ended" }` means the worker finished on its own (finite input; not a crash) and
  * `{ type: "stopped" }` means it honoured a stop request. Messages are delivered in order, so a
  * worker that posts its last metrics before `stopped`/`ended` does not lose them. A worker whose
- * state word reads `stopped` on two watch ticks in a row is treated the same way.
+ * state word reads `stopped` without such a message is treated the same way once the word has read
+ * `stopped` for {@link STOPPED_WORD_WAIT_MS} (or `stallMs` when shorter): long enough for a last
+ * message still on its way — the main thread may be busy (an emulated aarch64 run showed the
+ * state word winning a race of two 20 ms watch ticks against the `ended` message before it, and
+ * that message's metrics were lost with the detached listener).
  *
  * ## Crashes
  *
@@ -67,6 +71,12 @@ export const CONTROL_WORD = {
 
 /** Value of {@link CONTROL_WORD}`.stop` when a graceful stop is requested. */
 export const STOP_REQUESTED = 1;
+
+/**
+ * How long the state word may read `stopped` before the supervisor stops waiting for the worker's
+ * last message (`ended`/`stopped`) and retires it anyway (capped by `stallMs`).
+ */
+export const STOPPED_WORD_WAIT_MS = 2000;
 
 /** First control word that belongs to the caller (words 4–7 are reserved for the supervisor). */
 export const FIRST_PIPELINE_WORD = 8;
@@ -250,7 +260,8 @@ interface Incarnation {
   lastBeat: number;
   lastBeatAt: number;
   alive: boolean;
-  stoppedSeen: boolean;
+  /** When the state word was first seen reading `stopped` (`null`: not yet). */
+  stoppedSince: number | null;
   readonly onMessage: (e: MessageEvent) => void;
   readonly onMessageError: (e: MessageEvent) => void;
   readonly onError: (e: ErrorEvent) => void;
@@ -580,7 +591,7 @@ export class Supervisor extends EventTarget {
       lastBeat: Atomics.load(this.control, CONTROL_WORD.heartbeat),
       lastBeatAt: startedAt,
       alive: false,
-      stoppedSeen: false,
+      stoppedSince: null,
       onMessage: (e) => this.#message(inc, e.data),
       onMessageError: () => {
         if (this.#current === inc) {
@@ -630,10 +641,14 @@ export class Supervisor extends EventTarget {
         if (this.#state === "starting") this.#setState("running", "heartbeat");
       }
     }
-    // A worker that says it stopped is done, once one tick has passed for its last messages.
+    // A worker whose state word says it stopped is done if its last message has not come by
+    // STOPPED_WORD_WAIT_MS (the message normally ends it first, see the module notes).
     if (Atomics.load(this.control, CONTROL_WORD.state) === WORKER_STATE.stopped) {
-      if (inc.stoppedSeen) return this.#exit(inc, "ended", null);
-      inc.stoppedSeen = true;
+      inc.stoppedSince ??= t;
+      if (t - inc.stoppedSince >= Math.min(STOPPED_WORD_WAIT_MS, this.#s.stallMs)) {
+        return this.#exit(inc, "ended", null);
+      }
+      return; // stopped, not stalled: its heartbeat has ended
     }
     if (this.#state === "stopping") return; // the grace timer bounds a stop
     const limit = inc.alive ? this.#s.stallMs : this.#s.startTimeoutMs;

@@ -49,7 +49,7 @@ async function captureThrough(
   freq: number,
   pace: "clock" | "flat" = "clock",
   slowListenerMs = 0,
-): Promise<{ c: Collected; service: AudioService }> {
+): Promise<{ c: Collected; service: AudioService; timeline: string }> {
   await using dir = await tempDir();
   const input = tone({ freq, channels: 2, frames: 48000 * seconds, amplitude: 0.4 });
   await writeRaw(`${dir.path}/in.raw`, input);
@@ -72,13 +72,19 @@ async function captureThrough(
       while (performance.now() < until) { /* a listener slower than the encoder */ }
     });
   }
+  const t0 = performance.now();
   service.start();
+  // What a failure message shows: when the frames came in (ms since start: frames so far).
+  const ticks: string[] = [];
   const deadline = Date.now() + (seconds + 10) * 1000;
   while (service.outputStatus().supervisor?.lastExit !== "ended" && Date.now() < deadline) {
     await new Promise((r) => setTimeout(r, 50));
+    ticks.push(`${Math.round(performance.now() - t0)}:${c.packets.length}`);
   }
   await service.close();
-  return { c, service };
+  ticks.push(`closed:${c.packets.length}`);
+  const drops = service.metrics.toJSON().counters["kvm_audio_frames_dropped_total"];
+  return { c, service, timeline: `${ticks.join(" ")}; dropped ${JSON.stringify(drops)}` };
 }
 
 // Under qemu (scripts/test-arm64.sh) the worker may run slower than real time: 2 s tones only.
@@ -88,9 +94,13 @@ for (const preset of PRESET_NAMES) {
   const seconds = preset === "high" && !EMULATED ? 10 : 2;
   Deno.test(`output pipeline: a ${seconds} s tone from a file PCM arrives intact at ${preset}`, async () => {
     const p = OUTPUT_PRESETS[preset];
-    const { c, service } = await captureThrough(preset, seconds, 1000);
+    const { c, service, timeline } = await captureThrough(preset, seconds, 1000);
     const frame = 48 * p.frameMs;
-    assert.equal(c.packets.length, (48000 * seconds) / frame, "one packet per frame, none lost");
+    assert.equal(
+      c.packets.length,
+      (48000 * seconds) / frame,
+      `one packet per frame, none lost; frames collected over time: ${timeline}`,
+    );
     for (let i = 1; i < c.seqs.length; i++) {
       assert.equal(c.seqs[i], (c.seqs[i - 1]! + 1) >>> 0, "sequence without gaps");
       assert.equal(c.timestamps[i], (c.timestamps[i - 1]! + frame) >>> 0, "timestamps advance");

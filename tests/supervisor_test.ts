@@ -220,6 +220,17 @@ Deno.test("Supervisor accepts a stop reported through the state word alone", asy
   assert.equal(sup.status.lastExit, "stopped");
 });
 
+Deno.test("Supervisor waits for the last message of a worker whose state word already says stopped", async () => {
+  // The state word reads `stopped` for 300 ms (several 100 ms watch ticks) before the worker's
+  // final messages; they are still delivered, and the stop is the worker's, not the grace timer's.
+  const { sup, rec } = supervise({ graceMs: 20_000 }, { stopStyle: "late-message" });
+  sup.start();
+  await rec.until("running", () => sup.state === "running");
+  await sup.stop();
+  assert.equal(rec.of("final").length, 1, "the final message was not lost");
+  assert.equal(rec.events.at(-1)?.reason, "worker stopped");
+});
+
 Deno.test("Supervisor restarts a crashing worker with growing backoff and keeps the control block", async () => {
   const { sup, rec } = supervise({ breaker: { maxCrashes: 10 } });
   sup.control[WORD.memo] = 1;

@@ -43,7 +43,7 @@ import { CONTROL, epochMs, type InputInit } from "./messages.ts";
 import { inputMetrics, microphoneMalformedSeries, transportMetrics } from "./pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./microphone_packet.ts";
 import { readRtp, RTP_MALFORMED_REASONS, RTP_STATS, rtpMetrics } from "../transport/rtp_header.ts";
-import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
+import { ClockPacer, lastWords, MetricsPoster, runDevice, WorkerControl } from "./worker_common.ts";
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
@@ -99,6 +99,7 @@ function run(init: InputInit): void {
     };
   })();
 
+  let end: "ended" | "stopped" | null = null;
   try {
     const opts = () => {
       const period = Math.round((init.deviceRate * frame) / 48000);
@@ -110,12 +111,10 @@ function run(init: InputInit): void {
         bufferFrames: period * 3,
       };
     };
-    if (runDevice(ctl, init.device, opts, play)) {
-      post({ type: "ended", snapshot: registry.snapshot() });
-    }
+    end = runDevice(ctl, init.device, opts, play) ? "ended" : "stopped";
   } finally {
     ctl.release("codec", decoder);
-    poster.flush();
+    lastWords(end, registry, poster);
     ctl.state = "stopped";
   }
 

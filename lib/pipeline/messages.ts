@@ -165,7 +165,8 @@ export type WorkerMessage =
     readonly preset: PresetName;
     readonly how: "live" | "rebuilt";
   }
-  | { readonly type: "ended"; readonly snapshot: RegistrySnapshot }
+  /** The last message: the loop ended (finite input) or honoured a stop; final metrics. */
+  | { readonly type: "ended" | "stopped"; readonly snapshot: RegistrySnapshot }
   | { readonly type: "fatal"; readonly error: string };
 
 /** Output ring geometry: 1500-byte slots hold any packet our presets produce; 64 slots ≈ 0.6–1.3 s. */

@@ -34,7 +34,14 @@ import {
   PRESET_NAMES,
 } from "../quality.ts";
 import { CONTROL, epochMs, FrameFlag, type OutputInit } from "./messages.ts";
-import { ClockPacer, MetricsPoster, post, runDevice, WorkerControl } from "./worker_common.ts";
+import {
+  ClockPacer,
+  lastWords,
+  MetricsPoster,
+  post,
+  runDevice,
+  WorkerControl,
+} from "./worker_common.ts";
 import { outputMetrics } from "./pipeline_metrics.ts";
 
 /** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
@@ -111,6 +118,7 @@ function run(init: OutputInit): void {
     ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
   };
 
+  let end: "ended" | "stopped" | null = null;
   try {
     const opts = () => ({
       stream: "capture" as const,
@@ -119,13 +127,11 @@ function run(init: OutputInit): void {
       periodFrames: Math.round(init.deviceRate / 100),
       bufferFrames: Math.round(init.deviceRate / 100) * 8,
     });
-    if (runDevice(ctl, init.device, opts, capture)) {
-      ring.end();
-      post({ type: "ended", snapshot: registry.snapshot() });
-    }
+    end = runDevice(ctl, init.device, opts, capture) ? "ended" : "stopped";
+    if (end === "ended") ring.end();
   } finally {
     ctl.release("codec", encoder);
-    poster.flush();
+    lastWords(end, registry, poster);
     ctl.state = "stopped";
   }
 

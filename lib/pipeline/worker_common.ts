@@ -113,6 +113,22 @@ export function post(msg: WorkerMessage): void {
   (globalThis as unknown as { postMessage(m: unknown): void }).postMessage(msg);
 }
 
+/**
+ * A pipeline worker's last message, from its loop's `finally`, before it writes the state word
+ * `stopped`: how the loop ended (`ended`: finite input ran out; `stopped`: a stop request) with the
+ * final metrics — the supervisor retires the worker on it, and messages arrive in order, so nothing
+ * the worker counted is lost. After a throw (`end` null) only the metrics: the error event
+ * reports the crash, and a `stopped` before it would hide it.
+ */
+export function lastWords(
+  end: "ended" | "stopped" | null,
+  registry: Registry,
+  poster: MetricsPoster,
+): void {
+  if (end === null) poster.flush();
+  else post({ type: end, snapshot: registry.snapshot() });
+}
+
 /** Whether an error means "the device is not there or not usable now" (retry), not a bug. */
 export function isDeviceError(e: unknown): boolean {
   return e instanceof AlsaError || e instanceof LibraryNotFoundError;
