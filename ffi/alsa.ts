@@ -21,6 +21,7 @@
  */
 
 import { cString, openLibrary, orphanPointer, orphanToken } from "./library.ts";
+import { libc } from "./libc.ts";
 
 // ---------------------------------------------------------------------------------------------
 // C constants (alsa/pcm.h, errno.h). Named, never bare numbers.
@@ -226,26 +227,12 @@ function alsa(): Symbols {
   return lib.symbols;
 }
 
-/**
- * `poll(2)` from the C library. `snd_pcm_wait` is not used: it restarts its full timeout after
- * every wake-up that leaves the PCM not yet ready, so its timeout bounds only the gap between
- * wake-ups (measured: `snd_pcm_wait(pcm, 50)` on a PulseAudio PCM returned after 264 ms).
- * {@link Pcm.wait} polls against a deadline instead.
+/*
+ * Waits use `poll(2)` from the C library (ffi/libc.ts). `snd_pcm_wait` is not used: it restarts
+ * its full timeout after every wake-up that leaves the PCM not yet ready, so its timeout bounds
+ * only the gap between wake-ups (measured: `snd_pcm_wait(pcm, 50)` on a PulseAudio PCM returned
+ * after 264 ms). {@link Pcm.wait} polls against a deadline instead.
  */
-const libcSymbols = {
-  // int poll(struct pollfd *fds, nfds_t nfds, int timeout);   nfds_t is unsigned long
-  poll: { parameters: ["buffer", "usize", "i32"], result: "i32" },
-} as const satisfies Deno.ForeignLibraryInterface;
-
-let libc: Deno.DynamicLibrary<typeof libcSymbols> | undefined;
-
-function cLib(): Deno.DynamicLibrary<typeof libcSymbols>["symbols"] {
-  libc ??= openLibrary(
-    { name: "libc", envVar: "KVM_AUDIO_LIBC", candidates: ["libc.so.6", "libc.so"] },
-    libcSymbols,
-  );
-  return libc.symbols;
-}
 
 /** `struct pollfd` is { int fd; short events; short revents; }: 8 bytes. */
 const POLLFD_SIZE = 8;
@@ -549,7 +536,7 @@ export class Pcm implements Disposable {
       const n = c.snd_pcm_poll_descriptors(pcm, pfds, count);
       if (n < 0) throw new AlsaError("snd_pcm_poll_descriptors", n, this.name);
       this.#polls++;
-      const polled = cLib().poll(pfds, n === count ? this.#pfdCount : BigInt(n), left);
+      const polled = libc().poll(pfds, n === count ? this.#pfdCount : BigInt(n), left);
       if (polled <= 0) continue; // timeout (the deadline check returns false) or EINTR
       const rc = c.snd_pcm_poll_descriptors_revents(pcm, pfds, n, revents);
       if (rc < 0) throw new AlsaError("snd_pcm_poll_descriptors_revents", rc, this.name);

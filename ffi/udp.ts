@@ -13,7 +13,9 @@
  * @module
  */
 
-import { cString, openLibrary } from "./library.ts";
+import { ERRNO, errno, errnoText, libc } from "./libc.ts";
+
+export { ERRNO, errnoText };
 
 /**
  * 4 or 6 for an IPv4 or IPv6 address literal, 0 otherwise. (Not `node:net`'s `isIP`: that import
@@ -35,50 +37,6 @@ function ipFamily(address: string): 0 | 4 | 6 {
   return (groups.length === 2 ? count <= 7 : count === 8) ? 6 : 0;
 }
 
-const symbols = {
-  // int socket(int domain, int type, int protocol);
-  socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
-  // int bind(int fd, const struct sockaddr *addr, socklen_t len);
-  bind: { parameters: ["i32", "buffer", "u32"], result: "i32" },
-  // int getsockname(int fd, struct sockaddr *addr, socklen_t *len);
-  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
-  // ssize_t recv(int fd, void *buf, size_t n, int flags);
-  // Declared as returning int: the result is at most 65,535 or -1, which the low 32 bits of the
-  // return register hold exactly on x86_64 and aarch64 — and an i32 is a JS number, where a
-  // 64-bit result would be a BigInt allocated per datagram.
-  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "i32" },
-  // ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *to,
-  //                socklen_t len);   int result, as recv
-  sendto: { parameters: ["i32", "buffer", "usize", "i32", "buffer", "u32"], result: "i32" },
-  // int ioctl(int fd, unsigned long request, ...);   variadic: one pointer argument, declared
-  // with a fixed signature (integer and pointer arguments pass alike on x86_64 and aarch64).
-  ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
-  // int clock_gettime(clockid_t clk, struct timespec *tp);
-  clock_gettime: { parameters: ["i32", "buffer"], result: "i32" },
-  // int close(int fd);
-  close: { parameters: ["i32"], result: "i32" },
-  // int *__errno_location(void);   the calling thread's errno
-  __errno_location: { parameters: [], result: "pointer" },
-  // char *strerror(int errnum);
-  strerror: { parameters: ["i32"], result: "pointer" },
-} as const satisfies Deno.ForeignLibraryInterface;
-
-let lib: Deno.DynamicLibrary<typeof symbols> | undefined;
-
-function libc(): Deno.DynamicLibrary<typeof symbols>["symbols"] {
-  lib ??= openLibrary(
-    { name: "libc", envVar: "KVM_AUDIO_LIBC", candidates: ["libc.so.6", "libc.so"] },
-    symbols,
-  );
-  return lib.symbols;
-}
-
-/** The calling thread's `errno` (read right after the failed call). */
-function errno(): number {
-  const p = libc().__errno_location();
-  return p === null ? 0 : new Deno.UnsafePointerView(p).getInt32();
-}
-
 const AF_INET = 2;
 const AF_INET6 = 10;
 const SOCK_DGRAM = 2;
@@ -87,14 +45,6 @@ const SOCK_CLOEXEC = 0o2000000;
 const MSG_DONTWAIT = 0x40;
 const SIOCGSTAMPNS = 0x8907n;
 const CLOCK_REALTIME = 0;
-/** `errno` values (Linux, every architecture). */
-export const ERRNO = { EAGAIN: 11, EACCES: 13, ENOBUFS: 105 } as const;
-
-/** The text of an `errno` value, e.g. "Address already in use". */
-export function errnoText(code: number): string {
-  return cString(libc().strerror(code));
-}
-
 /** A failed socket call. */
 export class UdpError extends Error {
   override name = "UdpError";
