@@ -36,7 +36,7 @@
  * state word reads `stopped` without such a message is treated the same way once the word has read
  * `stopped` for {@link STOPPED_WORD_WAIT_MS} (or `stallMs` when shorter): long enough for a last
  * message still on its way — the main thread may be busy (an emulated aarch64 run showed the
- * state word winning a race of two 20 ms watch ticks against the `ended` message before it, and
+ * state word winning a race of two 100 ms watch ticks against the `ended` message before it, and
  * that message's metrics were lost with the detached listener).
  *
  * ## Crashes
