@@ -280,8 +280,6 @@ export class AudioService implements AsyncDisposable {
   #pumping = false;
   #closed = false;
   #pump: Promise<void> | null = null;
-  #nextSeq = 0;
-  #nextTimestamp = 0;
 
   constructor(options: ServiceOptions) {
     this.options = Object.freeze({ ...options });
@@ -321,8 +319,9 @@ export class AudioService implements AsyncDisposable {
         device: options.capture!,
         deviceRate: options.captureRate ?? 48000,
         deviceChannels: options.captureChannels ?? 2,
-        firstSeq: this.#nextSeq,
-        firstTimestamp: this.#nextTimestamp,
+        // Where the previous incarnation stopped (0 at the first start).
+        firstSeq: Atomics.load(new Int32Array(control), CONTROL.nextSeq),
+        firstTimestamp: Atomics.load(new Int32Array(control), CONTROL.nextTimestamp) >>> 0,
         ...(options.maxCaptureSamples !== undefined
           ? { maxSamples: options.maxCaptureSamples }
           : {}),
@@ -550,7 +549,16 @@ export class AudioService implements AsyncDisposable {
   /** Adds a listener of encoded output frames; returns its removal. */
   subscribe(listener: FrameListener): () => void {
     this.#listeners.add(listener);
-    return () => this.#listeners.delete(listener);
+    this.#tellListeners();
+    return () => {
+      this.#listeners.delete(listener);
+      this.#tellListeners();
+    };
+  }
+
+  /** The output worker encodes only while someone listens (see `CONTROL.listeners`). */
+  #tellListeners(): void {
+    if (this.#output) Atomics.store(this.#output.control, CONTROL.listeners, this.#listeners.size);
   }
 
   get listenerCount(): number {
@@ -581,8 +589,6 @@ export class AudioService implements AsyncDisposable {
       frame.channels = slot.t[3]!;
       frame.silence = (slot.flags & FrameFlag.silence) !== 0;
       frame.capturedAt = slot.t[0]!;
-      this.#nextSeq = (slot.seq + 1) | 0;
-      this.#nextTimestamp = (frame.timestamp + slot.samples) >>> 0;
       for (const l of this.#listeners) {
         try {
           l(frame);

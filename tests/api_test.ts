@@ -433,6 +433,7 @@ Deno.test("metrics: Prometheus text with its content type, and JSON", async () =
   await using dir = await tempDir();
   await using s = await fileService(dir.path);
   const app = createApp(s.service);
+  s.service.subscribe(() => {}); // the output worker encodes only while someone listens
   await call(app, "POST", "/api/audio/start");
   await until("encoded packets", () => {
     const v = s.service.metrics.toJSON().counters["kvm_audio_output_packets_encoded_total"];

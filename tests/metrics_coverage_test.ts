@@ -678,6 +678,7 @@ Deno.test({
           supervisor: { stallMs: 5000 },
         });
         const app = createApp(service);
+        service.subscribe(() => {}); // the output worker encodes only while someone listens
         service.start();
         await until(
           "both pipelines running",
@@ -739,6 +740,7 @@ Deno.test({
         metricsIntervalMs: 50,
       });
       const app = createApp(service);
+      service.subscribe(() => {}); // the output worker encodes only while someone listens
       service.start();
       await until(
         "both pipelines running",

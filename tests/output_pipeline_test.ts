@@ -210,6 +210,66 @@ Deno.test("live preset change reads back from a running encoder", () => {
   }
 });
 
+Deno.test("output with nobody listening encodes nothing; a listener joining gets the tone, numbered on", async () => {
+  await using dir = await tempDir();
+  const seconds = EMULATED ? 4 : 3;
+  await writeRaw(
+    `${dir.path}/in.raw`,
+    tone({ freq: 1000, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
+  );
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  await using service = new AudioService({
+    capture: "kvm_test_capture",
+    playback: null,
+    outputPreset: "ultra",
+    pace: "clock",
+    maxCaptureSamples: 48000 * seconds,
+    metricsIntervalMs: 50,
+  });
+  const control = service.controlBlock("output")!;
+  const counters = () => service.metrics.toJSON().counters;
+  service.start();
+  // Capture runs for a second with no listener: frames are counted, none encoded or published.
+  const deadline = Date.now() + 20_000;
+  while (Atomics.load(control, CONTROL.nextSeq) < 100 && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const unheard = Atomics.load(control, CONTROL.nextSeq);
+  assert.ok(unheard >= 100, `${unheard} frames went by`);
+  assert.ok((counters()["kvm_audio_output_frames_captured_total"] as number) > 0);
+  assert.equal(counters()["kvm_audio_output_packets_encoded_total"], 0);
+  assert.equal(service.outputBacklog, 0, "nothing published");
+  assert.equal(Atomics.load(control, CONTROL.listeners), 0);
+
+  const [c, listener] = collector();
+  const unsubscribe = service.subscribe(listener);
+  assert.equal(Atomics.load(control, CONTROL.listeners), 1);
+  while (service.outputStatus().supervisor?.lastExit !== "ended" && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await service.close();
+  unsubscribe();
+  assert.equal(Atomics.load(control, CONTROL.listeners), 0);
+  const total = (48000 * seconds) / 480;
+  assert.ok(c.seqs[0]! >= unheard, `first heard frame ${c.seqs[0]} after ${unheard} unheard`);
+  assert.equal(c.seqs.at(-1), total - 1, "numbered as if every frame had been sent");
+  assert.equal(c.packets.length, total - c.seqs[0]!, "every frame from the first heard one");
+  for (let i = 1; i < c.seqs.length; i++) {
+    assert.equal(c.seqs[i], c.seqs[i - 1]! + 1);
+    assert.equal(c.timestamps[i], c.timestamps[i - 1]! + 480);
+  }
+  assert.equal(c.timestamps[0], c.seqs[0]! * 480, "the RTP clock ran on while unheard");
+  assert.equal(counters()["kvm_audio_output_packets_encoded_total"], c.packets.length);
+  // The encoder started afresh: the heard part decodes to the tone from its first 10 ms on.
+  const left = channel(decodeStereo(c.packets), 2).subarray(480 * 3);
+  assert.ok(Math.abs(dominantFrequency(left, 48000) - 1000) < 10);
+  const want = rmsDb(channel(tone({ freq: 1000, frames: 48000, amplitude: 0.4 }), 1));
+  assert.ok(Math.abs(rmsDb(left) - want) < 1.5, `level ${rmsDb(left).toFixed(2)} dB`);
+});
+
 Deno.test("muted output sends no packets and says so", async () => {
   await using dir = await tempDir();
   await writeRaw(`${dir.path}/in.raw`, tone({ freq: 440, channels: 2, frames: 48000 }));

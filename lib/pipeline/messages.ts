@@ -63,6 +63,18 @@ export const CONTROL = {
   rtpFd: 22,
   rtpPayloadType: 23,
   rtpBusy: 24,
+  /**
+   * Output: how many listeners of encoded frames the main thread has (the service writes it).
+   * At 0 the worker goes on capturing but encodes and publishes nothing — no frame wakes the main
+   * thread for nobody — and resets its encoder before the next frame it encodes.
+   */
+  listeners: 25,
+  /**
+   * Output: the sequence number and RTP timestamp (uint32 stored as int32) of the worker's next
+   * frame, written by the worker after every frame, encoded or not: where a restart goes on.
+   */
+  nextSeq: 26,
+  nextTimestamp: 27,
 } as const;
 
 /** The slots of {@link orphanSlots}: what a worker may leave behind. */

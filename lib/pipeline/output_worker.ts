@@ -12,6 +12,12 @@
  * remain in the accumulator after this frame. Frame accumulation itself (the frame duration) is
  * physics and not counted in the capture→encoded stage.
  *
+ * Nobody listening ({@link CONTROL.listeners} 0: no WebSocket listener, no RTP sender): the worker
+ * keeps reading the device (so it does not overrun) and advancing sequence numbers and RTP
+ * timestamps as for muted frames, but encodes nothing — a KVM box streams audio most of the day
+ * to no one, and each published frame costs the main thread a wake-up. The next frame encoded
+ * after muted or unheard ones starts from a reset encoder, like a new stream.
+ *
  * Preset changes (control word {@link CONTROL.generation}) are applied between frames: through
  * `opus_encoder_ctl` on the running encoder when only codec settings differ, by a new encoder
  * when channels, frame duration or application differ. The accumulator carries the samples over,
@@ -159,6 +165,8 @@ function run(init: OutputInit): void {
     const flat = init.pace === "flat";
     const periodMs = (period / pcm.rate) * 1000;
     let xruns = pcm.xruns;
+    // Frames were muted or unheard since the encoder last ran.
+    let skipped = false;
     pcm.start();
 
     while (!ctl.stopRequested) {
@@ -208,7 +216,13 @@ function run(init: OutputInit): void {
         const frameAt = lastAt - (remaining / 48000) * 1000;
         if (ctl.get(CONTROL.muted) !== 0) {
           m.muted.inc();
+          skipped = true;
+        } else if (ctl.get(CONTROL.listeners) === 0) {
+          skipped = true; // nobody listens (see CONTROL.listeners)
         } else {
+          // The encoder's memory is of audio before a gap: start it afresh, as for a new stream.
+          if (skipped) encoder.reset();
+          skipped = false;
           const ch = preset.channels;
           if (frameView.length !== fs * devCh) frameView = acc.subarray(0, fs * devCh);
           const pcmIn = devCh === ch
@@ -232,6 +246,8 @@ function run(init: OutputInit): void {
         }
         seq = (seq + 1) | 0;
         rtp = (rtp + fs) >>> 0;
+        Atomics.store(ctl.words, CONTROL.nextSeq, seq);
+        Atomics.store(ctl.words, CONTROL.nextTimestamp, rtp | 0);
         start += fs;
         // A preset change takes effect at this frame boundary.
         if (ctl.get(CONTROL.generation) !== generation) {
