@@ -326,11 +326,20 @@ Deno.test("FrameRing.waitForDataAsync times out with nothing else keeping the ev
   assert.equal(await ring.waitForDataAsync(0), "ok");
 });
 
-Deno.test("FrameRing.waitForDataAsync falls back to polling without Atomics.waitAsync", async () => {
+/** Runs `body` as on a runtime without `Atomics.waitAsync`. */
+async function withoutWaitAsync(body: () => Promise<void>): Promise<void> {
   const atomics = Atomics as { waitAsync?: unknown };
   const original = atomics.waitAsync;
   atomics.waitAsync = undefined;
   try {
+    await body();
+  } finally {
+    atomics.waitAsync = original;
+  }
+}
+
+Deno.test("FrameRing.waitForDataAsync falls back to polling without Atomics.waitAsync", () =>
+  withoutWaitAsync(async () => {
     const ring = FrameRing.create({ slots: 2, slotBytes: 8 });
     assert.equal(await ring.waitForDataAsync(3), "timed-out");
     const timer = setTimeout(() => push(ring, 1), 5);
@@ -342,10 +351,7 @@ Deno.test("FrameRing.waitForDataAsync falls back to polling without Atomics.wait
     take(ring);
     ring.end();
     assert.equal(await ring.waitForDataAsync(30_000), "ended");
-  } finally {
-    atomics.waitAsync = original;
-  }
-});
+  }));
 
 Deno.test("FrameRing.nextAsync resolves on data, end or wake, and waits otherwise", async () => {
   const ring = FrameRing.create({ slots: 4, slotBytes: 64 });
@@ -392,20 +398,14 @@ Deno.test("FrameRing.nextAsync resolves on data, end or wake, and waits otherwis
   }
 });
 
-Deno.test("FrameRing.nextAsync checks again after a millisecond without Atomics.waitAsync", async () => {
-  const atomics = Atomics as { waitAsync?: unknown };
-  const original = atomics.waitAsync;
-  atomics.waitAsync = undefined;
-  try {
+Deno.test("FrameRing.nextAsync checks again after a millisecond without Atomics.waitAsync", () =>
+  withoutWaitAsync(async () => {
     const ring = FrameRing.create({ slots: 2, slotBytes: 8 });
     const t0 = performance.now();
     await ring.nextAsync();
     assert.ok(performance.now() - t0 >= 0.5, "it slept before returning empty-handed");
     assert.equal(ring.available, 0);
-  } finally {
-    atomics.waitAsync = original;
-  }
-});
+  }));
 
 Deno.test("FrameRing.waitForDataAsync wakes when a worker publishes", async () => {
   const ring = FrameRing.create({ slots: 4, slotBytes: 64 });
