@@ -662,14 +662,27 @@ Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone",
   await receiver.close();
   // Let the playout buffer drain and the worker report it.
   const decoded = () => counter(service.metrics.toJSON(), "kvm_audio_input_packets_decoded_total");
-  // Every accepted packet ends up decoded or, on a starved machine, dropped by the playout buffer.
-  const settled = () => {
+  // Every accepted packet ends up decoded or, on a starved machine, refused (late, too early,
+  // duplicate) or dropped by the playout buffer.
+  const outcomes = () => {
     const j = service.metrics.toJSON();
-    return decoded() + counter(j, "kvm_audio_input_drift_drops_total") +
-      counter(j, "kvm_audio_input_overflow_drops_total") +
-      counter(j, "kvm_audio_input_flushed_total");
+    const result = (r: string) => counter(j, "kvm_audio_input_packets_total", `result="${r}"`);
+    return {
+      decoded: decoded(),
+      late: result("late"),
+      tooEarly: result("too-early"),
+      duplicate: result("duplicate"),
+      drift: counter(j, "kvm_audio_input_drift_drops_total"),
+      overflow: counter(j, "kvm_audio_input_overflow_drops_total"),
+      flushed: counter(j, "kvm_audio_input_flushed_total"),
+    };
   };
-  await waitFor("the packets to be played out", () => settled() >= stats.accepted - 10);
+  const settled = () => Object.values(outcomes()).reduce((a, b) => a + b, 0);
+  await waitFor("the packets to be played out", () => settled() >= stats.accepted - 10).catch(
+    (e) => {
+      throw new Error(`${e.message}: ${JSON.stringify(outcomes())} of ${stats.accepted} accepted`);
+    },
+  );
   assert.ok(decoded() >= stats.accepted * 0.9, `${decoded()} of ${stats.accepted} decoded`);
   await sleep(300);
   const json = service.metrics.toJSON();
