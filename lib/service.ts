@@ -2,8 +2,9 @@
  * The audio service: owns both pipelines (each a supervised Web Worker), their rings, the
  * control state and the metrics. The one object the API talks to.
  *
- * - Output: capture worker → output ring → {@link AudioService.subscribe}d listeners (WebSocket,
- *   RTP). The main thread only moves packets; it never does codec or device work.
+ * - Output: capture worker → output ring → {@link AudioService.subscribe}d listeners (WebSocket).
+ *   RTP senders are served by the capture worker itself ({@link AudioService.rtpOutput}). The main
+ *   thread only moves packets; it never does codec or device work.
  * - Microphone: {@link AudioService.pushMicrophonePacket} validates a received packet and writes it
  *   into the input ring → input worker → playback device.
  * - Control state (presets, mute, which pipelines run) lives in the supervisors' shared control
@@ -43,6 +44,7 @@ import {
 } from "./pipeline/pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./pipeline/microphone_packet.ts";
 import { RTP_STATS_BYTES } from "./transport/rtp_header.ts";
+import { RtpOutTable } from "./transport/rtp_out.ts";
 import {
   frameSamples,
   getPreset,
@@ -273,6 +275,11 @@ export class AudioService implements AsyncDisposable {
    * {@link AudioService.attachRtpInput}).
    */
   readonly rtpInputStats: SharedArrayBuffer = new SharedArrayBuffer(RTP_STATS_BYTES);
+  /**
+   * The RTP senders the output worker sends to itself, as it encodes (see `RtpSender`): RTP
+   * output wakes no thread but the worker.
+   */
+  readonly rtpOutput: RtpOutTable = RtpOutTable.create();
   #rtpAttached = false;
   #state: ControlState;
   readonly #listeners = new Set<FrameListener>();
@@ -322,6 +329,7 @@ export class AudioService implements AsyncDisposable {
         // Where the previous incarnation stopped (0 at the first start).
         firstSeq: Atomics.load(new Int32Array(control), CONTROL.nextSeq),
         firstTimestamp: Atomics.load(new Int32Array(control), CONTROL.nextTimestamp) >>> 0,
+        rtpOut: this.rtpOutput.buffer,
         ...(options.maxCaptureSamples !== undefined
           ? { maxSamples: options.maxCaptureSamples }
           : {}),
@@ -725,6 +733,14 @@ export class AudioService implements AsyncDisposable {
   }
 
   /**
+   * Output frames the output worker has published to the main thread so far (only while it has
+   * {@link subscribe}d listeners; RTP senders are served by the worker without publishing).
+   */
+  get outputFramesPublished(): number {
+    return this.#output?.ring.published ?? 0;
+  }
+
+  /**
    * Output frames the output worker has encoded that the frame pump has not yet handed to
    * listeners (0 when the pipeline is not running).
    */
@@ -781,6 +797,9 @@ export class AudioService implements AsyncDisposable {
         break;
       case "fatal":
         break; // the supervisor restarts the worker
+      case "rtp-error":
+        this.rtpOutput.logError(msg.slot, msg.destination, msg.errno);
+        break;
     }
   }
 
@@ -811,11 +830,12 @@ export class AudioService implements AsyncDisposable {
   }
 
   /** Status of the output pipeline. */
-  outputStatus(): PipelineStatus & { muted: boolean; listeners: number } {
+  outputStatus(): PipelineStatus & { muted: boolean; listeners: number; rtpSenders: number } {
     return {
       ...this.#status(this.#output, this.#state.outputPreset),
       muted: this.#state.muted,
       listeners: this.#listeners.size,
+      rtpSenders: this.rtpOutput.active,
     };
   }
 

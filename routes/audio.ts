@@ -38,6 +38,7 @@ export function outputStatus(service: AudioService, hub: WebSocketHub) {
     muted: s.muted,
     listeners: hub.size,
     subscribers: s.listeners,
+    rtpSenders: s.rtpSenders,
     streams: hub.listeners(),
   };
 }

@@ -116,7 +116,14 @@ export const SCHEMAS = {
     ...pipeline,
     muted: bool,
     listeners: { ...int, description: "WebSocket listeners" },
-    subscribers: { ...int, description: "Consumers of the frame stream (hub, RTP…)" },
+    subscribers: {
+      ...int,
+      description: "Main-thread consumers of the encoded frames (the WebSocket hub, …)",
+    },
+    rtpSenders: {
+      ...int,
+      description: "RTP senders (--rtp-out) the output worker sends to itself",
+    },
     streams: {
       type: "array",
       items: object({

@@ -21,6 +21,8 @@ import {
   writeRtp,
 } from "../lib/transport/rtp.ts";
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
+import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
+import { OpusDecoder } from "../ffi/opus.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 import {
@@ -528,6 +530,101 @@ Deno.test("RtpSender with sendDtx sends silence packets too, random SSRC/sequenc
   assert.equal(rtpOk(sink.datagrams[0]!).ssrc, a.ssrc);
   assert.equal(rtpOk(sink.datagrams[0]!).payloadType, 100);
   await sink.close();
+});
+
+Deno.test("RTP out is sent by the output worker: nothing for the main thread, numbering goes on across a restart", async () => {
+  await using dir = await tempDir();
+  await writeRaw(
+    `${dir.path}/in.raw`,
+    tone({ freq: 1000, channels: 2, frames: 48000 * 20, amplitude: 0.4 }),
+  );
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  await using service = new AudioService({
+    capture: "kvm_test_capture",
+    playback: null,
+    outputPreset: "high",
+    pace: "clock",
+    allowFaults: true,
+    metricsIntervalMs: 50,
+    supervisor: { backoff: { initialMs: 100, maxMs: 200 } },
+  });
+  const sink = await udpSink();
+  const sender = await RtpSender.open(service, {
+    destinations: [`127.0.0.1:${sink.port}`],
+    ssrc: 0x5eed,
+    firstSequence: 65500, // wraps during the test
+    timestampBase: 7,
+  });
+  try {
+    assert.equal(service.outputStatus().rtpSenders, 1);
+    service.start();
+    await waitFor("50 RTP packets", () => sink.datagrams.length >= 50);
+    Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.throw);
+    await waitFor("a restart", () => (service.outputStatus().supervisor?.restarts ?? 0) >= 1);
+    const before = sink.datagrams.length;
+    await waitFor("50 RTP packets after the restart", () => sink.datagrams.length >= before + 50);
+    await sender.close();
+    const count = sink.datagrams.length;
+    await sleep(100);
+    assert.equal(sink.datagrams.length, count, "nothing is sent after close()");
+  } finally {
+    await sender.close();
+    await service.close();
+    await sink.close();
+  }
+
+  // Nothing went through the main thread: no listener, nothing published to the output ring.
+  const st = service.outputStatus();
+  assert.equal(st.listeners, 0);
+  assert.equal(st.rtpSenders, 0, "the closed sender left the table");
+  assert.equal(service.outputFramesPublished, 0);
+  assert.equal(st.supervisor?.lastError?.includes("Injected fault"), true);
+
+  const got = sink.datagrams.map((d) => rtpOk(d, DEFAULT_OPUS_PAYLOAD_TYPE));
+  const frame = 960; // "high": 20 ms frames
+  assert.ok(got.every((p) => p.ssrc === 0x5eed));
+  assert.equal(got[0]!.sequence, 65500);
+  // One RTP sequence, no number skipped or reused across the wrap and the restart; timestamps
+  // one frame apart except across the restart, where the frames the dead worker never finished
+  // are a gap that the marker bit announces.
+  const markers: number[] = [];
+  for (let i = 1; i < got.length; i++) {
+    const [a, b] = [got[i - 1]!, got[i]!];
+    assert.equal(b.sequence, (a.sequence + 1) & 0xffff, `sequence at packet ${i}`);
+    const step = (b.timestamp - a.timestamp) >>> 0;
+    assert.ok(step % frame === 0 && step > 0 && step < 48000 * 5, `timestamp step ${step} at ${i}`);
+    if (b.marker) markers.push(i);
+    else assert.equal(step, frame, `an unmarked packet ${i} follows on`);
+  }
+  assert.ok(got[0]!.marker, "the first packet is marked");
+  assert.equal(markers.length, 1, `one marked packet after the restart, got ${markers}`);
+  assert.equal((got[0]!.timestamp - 7) % frame, 0, "timestamps are frame timestamps + base");
+
+  // The packets are the tone.
+  using dec = OpusDecoder.create({ channels: 2 });
+  const pcm = new Int16Array(got.length * frame * 2);
+  let at = 0;
+  for (const p of got) at += dec.decode(p.payload, pcm.subarray(at * 2), frame);
+  const left = channel(pcm.subarray(0, at * 2), 2).subarray(9600);
+  const f = dominantFrequency(left, 48000);
+  assert.ok(Math.abs(f - 1000) < 5, `dominant frequency ${f.toFixed(1)} Hz`);
+
+  // The worker counted what it sent; its last snapshot came with its stop.
+  const stats = sender.stats;
+  assert.equal(stats.packets, got.length);
+  assert.deepEqual(
+    stats.destinations.map((d) => [d.sent, d.errors, d.lastError]),
+    [[got.length, 0, null]],
+  );
+  const json = service.metrics.toJSON();
+  assert.equal(counter(json, "kvm_audio_output_packets_sent_total", 'transport="rtp"'), got.length);
+  assert.equal(
+    counter(json, "kvm_audio_output_bytes_sent_total", 'transport="rtp"'),
+    sink.datagrams.reduce((n, d) => n + d.length, 0),
+  );
 });
 
 // -------------------------------------------------------------------------------------------

@@ -65,8 +65,9 @@ export const CONTROL = {
   rtpBusy: 24,
   /**
    * Output: how many listeners of encoded frames the main thread has (the service writes it).
-   * At 0 the worker goes on capturing but encodes and publishes nothing — no frame wakes the main
-   * thread for nobody — and resets its encoder before the next frame it encodes.
+   * At 0 the worker publishes nothing — no frame wakes the main thread for nobody — and unless an
+   * RTP sender is active (which the worker serves itself) it encodes nothing either, and resets
+   * its encoder before the next frame it encodes.
    */
   listeners: 25,
   /**
@@ -136,6 +137,8 @@ export interface OutputInit extends InitCommon {
   readonly firstSeq: number;
   /** RTP timestamp (48 kHz ticks) of the first frame (continues across restarts). */
   readonly firstTimestamp: number;
+  /** The service's RTP output table (`RtpOutTable`): the worker sends to its senders itself. */
+  readonly rtpOut: SharedArrayBuffer;
 }
 
 /** Init message of the input (Opus → playback) worker. */
@@ -179,7 +182,14 @@ export type WorkerMessage =
   }
   /** The last message: the loop ended (finite input) or honoured a stop; final metrics. */
   | { readonly type: "ended" | "stopped"; readonly snapshot: RegistrySnapshot }
-  | { readonly type: "fatal"; readonly error: string };
+  | { readonly type: "fatal"; readonly error: string }
+  /** A send to an RTP destination failed with a new error (`errno`); the main thread logs it. */
+  | {
+    readonly type: "rtp-error";
+    readonly slot: number;
+    readonly destination: number;
+    readonly errno: number;
+  };
 
 /** Output ring geometry: 1500-byte slots hold any packet our presets produce; 64 slots ≈ 0.6–1.3 s. */
 export const OUTPUT_RING = { slots: 64, slotBytes: 1500 } as const;

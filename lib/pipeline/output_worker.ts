@@ -12,11 +12,15 @@
  * remain in the accumulator after this frame. Frame accumulation itself (the frame duration) is
  * physics and not counted in the capture→encoded stage.
  *
- * Nobody listening ({@link CONTROL.listeners} 0: no WebSocket listener, no RTP sender): the worker
- * keeps reading the device (so it does not overrun) and advancing sequence numbers and RTP
- * timestamps as for muted frames, but encodes nothing — a KVM box streams audio most of the day
- * to no one, and each published frame costs the main thread a wake-up. The next frame encoded
- * after muted or unheard ones starts from a reset encoder, like a new stream.
+ * RTP senders (`RtpSender`, through the service's RTP output table) are served here: each frame
+ * goes out over UDP the moment it is encoded, before it is published, and only frames for
+ * main-thread listeners ({@link CONTROL.listeners}: WebSocket clients) are published to the ring.
+ *
+ * Nobody listening (no main-thread listener, no RTP sender): the worker keeps reading the device
+ * (so it does not overrun) and advancing sequence numbers and RTP timestamps as for muted frames,
+ * but encodes nothing — a KVM box streams audio most of the day to no one, and each published
+ * frame costs the main thread a wake-up. The next frame encoded after muted or unheard ones
+ * starts from a reset encoder, like a new stream.
  *
  * Preset changes (control word {@link CONTROL.generation}) are applied between frames: through
  * `opus_encoder_ctl` on the running encoder when only codec settings differ, by a new encoder
@@ -39,7 +43,7 @@ import {
   type Preset,
   PRESET_NAMES,
 } from "../quality.ts";
-import { CONTROL, epochMs, FrameFlag, type OutputInit } from "./messages.ts";
+import { CONTROL, epochMs, FrameFlag, OUTPUT_RING, type OutputInit } from "./messages.ts";
 import {
   ClockPacer,
   lastWords,
@@ -48,7 +52,8 @@ import {
   runDevice,
   WorkerControl,
 } from "./worker_common.ts";
-import { outputMetrics } from "./pipeline_metrics.ts";
+import { outputMetrics, transportMetrics } from "./pipeline_metrics.ts";
+import { RtpOutput, RtpOutTable } from "../transport/rtp_out.ts";
 
 /** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
 function mixChannels(
@@ -87,6 +92,21 @@ function run(init: OutputInit): void {
   const registry = new Registry();
   const m = outputMetrics(registry);
   const poster = new MetricsPoster(registry, init.metricsIntervalMs ?? 500);
+  // RTP senders are served here, as each frame is encoded (see rtp_out.ts).
+  const rtpOut = new RtpOutput(
+    RtpOutTable.attach(init.rtpOut),
+    registry,
+    (slot, destination, errno) => post({ type: "rtp-error", slot, destination, errno }),
+  );
+  const handed = transportMetrics(registry).encodedToHanded;
+  const unpublished = new Uint8Array(OUTPUT_RING.slotBytes);
+  const rtpFrame = {
+    data: unpublished as Uint8Array,
+    seq: 0,
+    timestamp: 0,
+    samples: 0,
+    silence: false,
+  };
   let seq = init.firstSeq | 0;
   let rtp = init.firstTimestamp >>> 0;
   let captured48 = 0;
@@ -214,10 +234,12 @@ function run(init: OutputInit): void {
       while (accFrames - start >= fs) {
         const remaining = accFrames - start - fs;
         const frameAt = lastAt - (remaining / 48000) * 1000;
+        const listeners = ctl.get(CONTROL.listeners);
+        const rtpActive = rtpOut.active;
         if (ctl.get(CONTROL.muted) !== 0) {
           m.muted.inc();
           skipped = true;
-        } else if (ctl.get(CONTROL.listeners) === 0) {
+        } else if (listeners === 0 && !rtpActive) {
           skipped = true; // nobody listens (see CONTROL.listeners)
         } else {
           // The encoder's memory is of audio before a gap: start it afresh, as for a new stream.
@@ -228,17 +250,30 @@ function run(init: OutputInit): void {
           const pcmIn = devCh === ch
             ? (start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh))
             : (mixChannels(acc.subarray(start * devCh), devCh, enc, ch, fs), enc);
-          const slot = ring.reserve();
-          const bytes = encoder.encode(pcmIn, fs, slot.data);
+          // Into a ring slot when the main thread has listeners, else into the worker's own buffer.
+          const slot = listeners > 0 ? ring.reserve() : null;
+          const out = slot ? slot.data : unpublished;
+          const bytes = encoder.encode(pcmIn, fs, out);
           const done = epochMs();
-          slot.seq = seq;
-          slot.samples = fs;
-          slot.flags = bytes <= 2 ? FrameFlag.silence : 0;
-          slot.t[0] = frameAt;
-          slot.t[1] = done;
-          slot.t[2] = rtp;
-          slot.t[3] = ch;
-          ring.publish(slot, bytes);
+          const silence = bytes <= 2;
+          if (rtpActive) {
+            rtpFrame.data = out.subarray(0, bytes);
+            rtpFrame.seq = seq >>> 0;
+            rtpFrame.timestamp = rtp;
+            rtpFrame.samples = fs;
+            rtpFrame.silence = silence;
+            if (rtpOut.send(rtpFrame) > 0) handed.observe(epochMs() - done);
+          }
+          if (slot) {
+            slot.seq = seq;
+            slot.samples = fs;
+            slot.flags = silence ? FrameFlag.silence : 0;
+            slot.t[0] = frameAt;
+            slot.t[1] = done;
+            slot.t[2] = rtp;
+            slot.t[3] = ch;
+            ring.publish(slot, bytes);
+          }
           m.encoded.inc();
           m.bytes.inc(bytes);
           m.captureToEncoded.observe(done - frameAt);

@@ -1,7 +1,8 @@
 /**
  * Opus over RTP (RFC 3550 framing, RFC 7587 payload format), both directions through C-library
- * sockets: sent synchronously from the frame pump (see {@link RtpSender}), received by the input
- * worker itself on a socket bound here (see {@link RtpReceiver}).
+ * sockets: sent by the output worker itself as it encodes, on sockets opened here (see
+ * {@link RtpSender} and `rtp_out.ts`), received by the input worker itself on a socket bound here
+ * (see {@link RtpReceiver}).
  *
  * - {@link RtpSender} sends every encoded output frame of the service to one or more UDP
  *   destinations (`--rtp-out HOST:PORT`, repeatable): one Opus packet per RTP packet, a random
@@ -42,11 +43,10 @@
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
 import { getLogger } from "@logtape/logtape";
-import type { CounterSeries } from "../metrics.ts";
-import { transportMetrics } from "../pipeline/pipeline_metrics.ts";
-import type { AudioService, EncodedFrame } from "../service.ts";
+import type { AudioService } from "../service.ts";
 import { sdpFor } from "./sdp.ts";
-import { ERRNO, errnoText, socketAddress, UdpSocket } from "../../ffi/udp.ts";
+import { socketAddress, UdpSocket } from "../../ffi/udp.ts";
+import { type RtpOutCounts, RtpOutput, RtpOutTable } from "./rtp_out.ts";
 
 const log = getLogger(["kvm-audio", "rtp"]);
 
@@ -57,8 +57,6 @@ import {
   RTP_MALFORMED_REASONS,
   RTP_STATS,
   type RtpMalformedReason,
-  rtpMetrics,
-  writeRtp,
 } from "./rtp_header.ts";
 
 // ---------------------------------------------------------------------------------------------
@@ -215,9 +213,6 @@ export async function resolveDestination(
   return { host: hp.host, address, family: isIP(address) === 6 ? 6 : 4, port: hp.port };
 }
 
-/** A counter series or an unlabelled counter. */
-type Count = Pick<CounterSeries, "inc">;
-
 function randomUint32(): number {
   return crypto.getRandomValues(new Uint32Array(1))[0]!;
 }
@@ -242,8 +237,14 @@ function checkPayloadType(value: unknown): number {
 // ---------------------------------------------------------------------------------------------
 // Sender.
 
-/** What the sender needs of the service. */
-export type FrameSource = Pick<AudioService, "subscribe" | "metrics">;
+/**
+ * What the sender needs of the service. A service offers its RTP output table (`rtpOutput`):
+ * its output worker then sends the packets itself as it encodes them. A source without one (a
+ * test handing frames over by hand) has them sent from the thread that hands them over.
+ */
+export type FrameSource =
+  & Pick<AudioService, "subscribe" | "metrics">
+  & Partial<Pick<AudioService, "rtpOutput">>;
 
 /** Options of {@link RtpSender.open}. */
 export interface RtpSenderOptions {
@@ -284,47 +285,33 @@ export interface RtpSenderStats {
 interface Target {
   readonly dest: RtpDestination;
   readonly socket: UdpSocket;
-  /** The destination as a `struct sockaddr`, built once. */
-  readonly to: Uint8Array;
-  sent: number;
-  sentBytes: number;
-  errors: number;
-  lastError: string | null;
 }
 
 /**
  * Sends the service's encoded output frames as Opus RTP to fixed destinations. Open with
  * {@link RtpSender.open}; {@link close} stops it.
  *
- * Each packet leaves synchronously, in the turn that handed its frame over, through a
- * non-blocking C-library socket per destination ({@link UdpSocket}): no completion callback and
- * so no second event-loop turn per frame (`node:dgram` costs one), and bursts keep their order.
- * The kernel's socket buffer is the only queue; when it is full (`EAGAIN`/`ENOBUFS`) the packet is
- * dropped and counted as `frames_dropped_total{reason="rtp_backlog"}` — a fresh packet is worth
- * more to a live listener than a late one.
+ * The sender opens one non-blocking C-library socket per destination ({@link UdpSocket}) and
+ * hands them, with its SSRC, payload type and sequence numbering, to the service's RTP output
+ * table (`rtp_out.ts`): the output worker sends each packet the moment it has encoded the frame,
+ * so RTP costs the main thread nothing per frame and adds no hop between threads. The kernel's
+ * socket buffer is the only queue; when it is full (`EAGAIN`/`ENOBUFS`) the packet is dropped and
+ * counted as `frames_dropped_total{reason="rtp_backlog"}` — a fresh packet is worth more to a live
+ * listener than a late one. Up to four senders share a service (`RTP_OUT_LIMITS`).
+ *
+ * Counts: {@link stats} reads the table at once; the `rtp` transport series of the service's
+ * metrics are counted by the output worker and arrive with its next metrics snapshot.
  */
 export class RtpSender implements AsyncDisposable {
   readonly #targets: Target[];
   readonly #payloadType: number;
   readonly #ssrc: number;
-  readonly #timestampBase: number;
-  readonly #sendDtx: boolean;
-  #sequence: number;
-  #unsubscribe: (() => void) | null;
-  #first = true;
-  #gap = false;
-  #expectTimestamp = 0;
-  #expectFrameSeq = 0;
-  #packets = 0;
-  #dtxNotSent = 0;
+  readonly #table: RtpOutTable;
+  readonly #slot: number;
+  #unsubscribe: (() => void) | null = null;
+  /** The counts when closed (the slot may serve another sender afterwards). */
+  #final: RtpOutCounts | null = null;
   #closed = false;
-  readonly #m: {
-    sent: Count;
-    sentBytes: Count;
-    backlog: Count;
-    sendErrors: Count;
-    dtxNotSent: Count;
-  };
 
   private constructor(
     source: FrameSource,
@@ -334,19 +321,24 @@ export class RtpSender implements AsyncDisposable {
     this.#targets = targets;
     this.#payloadType = options.payloadType ?? DEFAULT_OPUS_PAYLOAD_TYPE;
     this.#ssrc = options.ssrc ?? randomUint32();
-    this.#sequence = options.firstSequence ?? randomUint32() & 0xffff;
-    this.#timestampBase = options.timestampBase ?? randomUint32();
-    this.#sendDtx = options.sendDtx ?? false;
-    const t = transportMetrics(source.metrics);
-    const r = rtpMetrics(source.metrics);
-    this.#m = {
-      sent: t.sent.labels({ transport: "rtp" }),
-      sentBytes: t.sentBytes.labels({ transport: "rtp" }),
-      backlog: t.dropped.labels({ reason: "rtp_backlog" }),
-      sendErrors: r.sendErrors,
-      dtxNotSent: r.dtxNotSent,
-    };
-    this.#unsubscribe = source.subscribe((f) => this.#onFrame(f));
+    this.#table = source.rtpOutput ?? RtpOutTable.create();
+    this.#slot = this.#table.add({
+      payloadType: this.#payloadType,
+      ssrc: this.#ssrc,
+      sequence: options.firstSequence ?? randomUint32() & 0xffff,
+      timestampBase: options.timestampBase ?? randomUint32(),
+      sendDtx: options.sendDtx ?? false,
+      destinations: targets.map((t) => ({
+        fd: t.socket.fd,
+        to: socketAddress(t.dest.address, t.dest.port),
+        label: `${t.dest.family === 6 ? `[${t.dest.address}]` : t.dest.address}:${t.dest.port}`,
+      })),
+    });
+    if (!source.rtpOutput) {
+      const table = this.#table;
+      const out = new RtpOutput(table, source.metrics, (slot, d, e) => table.logError(slot, d, e));
+      this.#unsubscribe = source.subscribe((f) => out.send(f));
+    }
   }
 
   /**
@@ -388,6 +380,7 @@ export class RtpSender implements AsyncDisposable {
       );
     }
     const targets: Target[] = [];
+    let sender: RtpSender;
     try {
       for (const dest of dests) {
         // Bound to the loopback address for a loopback destination, so nothing else is bound.
@@ -404,84 +397,19 @@ export class RtpSender implements AsyncDisposable {
             { cause: e },
           );
         }
-        targets.push({
-          dest,
-          socket,
-          to: socketAddress(dest.address, dest.port),
-          sent: 0,
-          sentBytes: 0,
-          errors: 0,
-          lastError: null,
-        });
+        targets.push({ dest, socket });
       }
+      sender = new RtpSender(source, targets, options);
     } catch (e) {
       for (const t of targets) t.socket.close();
       throw e;
     }
-    const sender = new RtpSender(source, targets, options);
     log.info("Sending Opus RTP (payload type {pt}, SSRC {ssrc}) to {to}", {
       pt: sender.#payloadType,
       ssrc: sender.#ssrc,
       to: dests.map((d) => `${d.address}:${d.port}`).join(", "),
     });
     return sender;
-  }
-
-  static #failed(
-    target: Target,
-    e: Error,
-    counter: Count | null,
-  ): void {
-    target.errors++;
-    counter?.inc();
-    if (target.lastError !== e.message) {
-      log.warn("RTP to {address}:{port} failed: {error}", {
-        address: target.dest.address,
-        port: target.dest.port,
-        error: e.message,
-      });
-    }
-    target.lastError = e.message;
-  }
-
-  #onFrame(f: EncodedFrame): void {
-    const continuous = f.timestamp === this.#expectTimestamp && f.seq === this.#expectFrameSeq;
-    this.#expectTimestamp = (f.timestamp + f.samples) >>> 0;
-    this.#expectFrameSeq = (f.seq + 1) >>> 0;
-    if (f.silence && !this.#sendDtx) {
-      this.#dtxNotSent++;
-      this.#m.dtxNotSent.inc();
-      this.#gap = true;
-      return;
-    }
-    const marker = this.#first || this.#gap || !continuous;
-    const packet = writeRtp({
-      payloadType: this.#payloadType,
-      sequence: this.#sequence,
-      timestamp: (f.timestamp + this.#timestampBase) >>> 0,
-      ssrc: this.#ssrc,
-      marker,
-    }, f.data);
-    this.#sequence = (this.#sequence + 1) & 0xffff;
-    this.#first = false;
-    this.#gap = false;
-    this.#packets++;
-    for (const t of this.#targets) this.#send(t, packet);
-  }
-
-  /** Sends `packet` to `t` now; a full socket buffer drops it (see the class notes). */
-  #send(t: Target, packet: Uint8Array): void {
-    const n = t.socket.sendTo(packet, t.to);
-    if (n >= 0) {
-      t.sent++;
-      t.sentBytes += packet.length;
-      this.#m.sent.inc();
-      this.#m.sentBytes.inc(packet.length);
-    } else if (n === -ERRNO.EAGAIN || n === -ERRNO.ENOBUFS) {
-      this.#m.backlog.inc();
-    } else {
-      RtpSender.#failed(t, new Error(errnoText(-n)), this.#m.sendErrors);
-    }
   }
 
   /** The SSRC of the stream. */
@@ -501,18 +429,13 @@ export class RtpSender implements AsyncDisposable {
 
   /** Counts so far. */
   get stats(): RtpSenderStats {
+    const c = this.#final ?? this.#table.counts(this.#slot);
     return {
       ssrc: this.#ssrc,
       payloadType: this.#payloadType,
-      packets: this.#packets,
-      dtxNotSent: this.#dtxNotSent,
-      destinations: this.#targets.map((t) => ({
-        ...t.dest,
-        sent: t.sent,
-        sentBytes: t.sentBytes,
-        errors: t.errors,
-        lastError: t.lastError,
-      })),
+      packets: c.packets,
+      dtxNotSent: c.dtxNotSent,
+      destinations: this.#targets.map((t, i) => ({ ...t.dest, ...c.destinations[i]! })),
     };
   }
 
@@ -530,14 +453,13 @@ export class RtpSender implements AsyncDisposable {
     });
   }
 
-  /** Stops sending and closes the sockets. Idempotent. */
-  // Async for callers that await it (the sockets close synchronously).
-  // deno-lint-ignore require-await
+  /** Stops sending and closes the sockets once no send can still be using them. Idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
     this.#unsubscribe?.();
     this.#unsubscribe = null;
+    this.#final = await this.#table.remove(this.#slot);
     for (const t of this.#targets) t.socket.close();
   }
 
