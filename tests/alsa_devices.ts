@@ -199,6 +199,18 @@ export function useAlsaConfig(config: AlsaConfig): Disposable {
   };
 }
 
+/**
+ * Writes `samples` (interleaved 16-bit, as the capture is asked for) to `dir`/in.raw and makes
+ * it the capture PCM `kvm_test_capture` — the `file` plugin, unpaced — of every later
+ * `Pcm.open` until the result is disposed.
+ */
+export async function useCaptureFile(dir: string, samples: Int16Array): Promise<Disposable> {
+  await writeRaw(`${dir}/in.raw`, samples);
+  return useAlsaConfig(
+    await writeAlsaConfig(dir, { kvm_test_capture: { type: "file", infile: `${dir}/in.raw` } }),
+  );
+}
+
 /** Writes `samples` as a raw S16_LE file (little-endian hosts: x86_64, aarch64) (the format the `file` plugin reads and writes). */
 export async function writeRaw(path: string, samples: Int16Array): Promise<void> {
   await Deno.writeFile(

@@ -3,7 +3,7 @@ import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { AudioService, type EncodedFrame } from "../lib/service.ts";
 import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
-import { useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
+import { useCaptureFile } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {
@@ -52,11 +52,7 @@ async function captureThrough(
 ): Promise<{ c: Collected; service: AudioService; timeline: string }> {
   await using dir = await tempDir();
   const input = tone({ freq, channels: 2, frames: 48000 * seconds, amplitude: 0.4 });
-  await writeRaw(`${dir.path}/in.raw`, input);
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
+  using _cfg = await useCaptureFile(dir.path, input);
   const service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,
@@ -149,14 +145,10 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
 }, async () => {
   await using dir = await tempDir();
   const seconds = 6;
-  await writeRaw(
-    `${dir.path}/in.raw`,
+  using _cfg = await useCaptureFile(
+    dir.path,
     tone({ freq: 440, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
   );
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
   await using service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,
@@ -213,14 +205,10 @@ Deno.test("live preset change reads back from a running encoder", () => {
 Deno.test("output with nobody listening encodes nothing; a listener joining gets the tone, numbered on", async () => {
   await using dir = await tempDir();
   const seconds = EMULATED ? 4 : 3;
-  await writeRaw(
-    `${dir.path}/in.raw`,
+  using _cfg = await useCaptureFile(
+    dir.path,
     tone({ freq: 1000, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
   );
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
   await using service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,
@@ -272,11 +260,7 @@ Deno.test("output with nobody listening encodes nothing; a listener joining gets
 
 Deno.test("muted output sends no packets and says so", async () => {
   await using dir = await tempDir();
-  await writeRaw(`${dir.path}/in.raw`, tone({ freq: 440, channels: 2, frames: 48000 }));
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
+  using _cfg = await useCaptureFile(dir.path, tone({ freq: 440, channels: 2, frames: 48000 }));
   await using service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,

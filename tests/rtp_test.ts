@@ -23,7 +23,13 @@ import {
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
 import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
 import { OpusDecoder } from "../ffi/opus.ts";
-import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
+import {
+  readRaw,
+  useAlsaConfig,
+  useCaptureFile,
+  writeAlsaConfig,
+  writeRaw,
+} from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 import {
   counter,
@@ -534,14 +540,10 @@ Deno.test("RtpSender with sendDtx sends silence packets too, random SSRC/sequenc
 
 Deno.test("RTP out is sent by the output worker: nothing for the main thread, numbering goes on across a restart", async () => {
   await using dir = await tempDir();
-  await writeRaw(
-    `${dir.path}/in.raw`,
+  using _cfg = await useCaptureFile(
+    dir.path,
     tone({ freq: 1000, channels: 2, frames: 48000 * 20, amplitude: 0.4 }),
   );
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
   await using service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,
@@ -633,14 +635,10 @@ Deno.test("RTP out is sent by the output worker: nothing for the main thread, nu
 Deno.test("RTP out → ffmpeg: the SDP and stream decode to the captured tone", async () => {
   await using dir = await tempDir();
   const seconds = 10;
-  await writeRaw(
-    `${dir.path}/in.raw`,
+  using _cfg = await useCaptureFile(
+    dir.path,
     tone({ freq: 1000, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
   );
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_test_capture: { type: "file", infile: `${dir.path}/in.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
   await using service = new AudioService({
     capture: "kvm_test_capture",
     playback: null,

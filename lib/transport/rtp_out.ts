@@ -285,6 +285,8 @@ export class RtpOutput {
   ) {
     this.#table = table;
     this.#onError = onError;
+    // A worker terminated mid-send left `busy` raised; its successor is the only sender.
+    Atomics.store(table.words, HEAD.busy, 0);
     const t = transportMetrics(registry), r = rtpMetrics(registry);
     this.#m = {
       sent: t.sent.labels({ transport: "rtp" }),

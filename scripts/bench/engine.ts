@@ -21,7 +21,8 @@
  *    - the output pipeline alone, unpaced, against the encode part of the floor.
  * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
  *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
- *    `RtpSender` back into its own `RtpReceiver`, playout, decode, playback — against
+ *    `RtpSender` (sent by the output worker) back into its own `RtpReceiver` (read by the input
+ *    worker), playout, decode, playback — against
  *    `alsasrc ! audioconvert ! opusenc ! rtpopuspay ! udpsink` plus
  *    `udpsrc ! rtpjitterbuffer ! rtpopusdepay ! opusdec ! audioconvert ! alsasink` on the same
  *    PCMs, with the encoder set as ultra is (192 kb/s, complexity 10, 10 ms frames, unconstrained
