@@ -834,8 +834,16 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
       await sleep(20);
     }
     const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
-    await waitFor("the fresh packets played", () => decoded() >= 75);
-    await waitFor("the stale ones counted", () => stale() === 20);
+    // A timeout names what had happened by then.
+    const told = (e: Error) => {
+      throw new Error(
+        `${e.message}: decoded ${decoded()}, stale ${stale()}, receiver ${
+          JSON.stringify(receiver.stats)
+        }, microphone ${JSON.stringify(service.microphoneStatus().supervisor)}`,
+      );
+    };
+    await waitFor("the fresh packets played", () => decoded() >= 75).catch(told);
+    await waitFor("the stale ones counted", () => stale() === 20).catch(told);
     const stats = receiver.stats;
     assert.equal(stats.accepted, 80, "stale datagrams are not read as RTP");
     assert.equal(stats.stale, 20);
