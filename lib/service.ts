@@ -308,6 +308,24 @@ export class AudioService implements AsyncDisposable {
       outputRunning: saved?.outputRunning ?? options.capture !== null,
       microphoneRunning: saved?.microphoneRunning ?? options.playback !== null,
     };
+    if (saved) {
+      // The saved choices win over the flags: say so, or a pipeline an operator stopped last
+      // time stays stopped with nothing in the log to tell why.
+      const st = this.#state;
+      const run = (on: boolean, enabled: boolean, start: string) =>
+        !enabled ? "disabled" : on ? "running" : `stopped (${start} starts it)`;
+      const output = run(st.outputRunning, options.capture !== null, "POST /api/audio/start");
+      const mic = run(
+        st.microphoneRunning,
+        options.playback !== null,
+        "POST /api/microphone/start",
+      );
+      log.info(
+        `Control state from ${options.stateFile}: output ${output}, preset ${st.outputPreset}${
+          st.muted ? ", muted" : ""
+        }; microphone ${mic}, preset ${st.microphonePreset}`,
+      );
+    }
 
     const common = {
       allowFaults: options.allowFaults ?? false,

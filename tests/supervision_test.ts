@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { OpusDecoder } from "../ffi/opus.ts";
 import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
 import { AudioService } from "../lib/service.ts";
@@ -211,9 +212,19 @@ Deno.test("control state is saved atomically and restored by a new service", asy
   }
   const saved = JSON.parse(await Deno.readTextFile(stateFile));
   assert.equal(saved.outputPreset, "ultra");
-  {
+  const records: LogRecord[] = [];
+  await configure({
+    sinks: { memory: (r: LogRecord) => records.push(r) },
+    loggers: [
+      { category: ["kvm-audio", "service"], lowestLevel: "info", sinks: ["memory"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: [] },
+    ],
+    reset: true,
+  });
+  try {
+    // A capture device now (never started here): the saved state says the output was stopped.
     await using b = new AudioService({
-      capture: null,
+      capture: "kvm_never_opened",
       playback: null,
       stateFile,
       outputPreset: "low",
@@ -221,7 +232,15 @@ Deno.test("control state is saved atomically and restored by a new service", asy
     assert.equal(b.outputPreset.name, "ultra", "the saved state wins over start-up flags");
     assert.equal(b.microphonePreset.name, "low");
     assert.equal(b.muted, true);
+    assert.equal(b.controlState.outputRunning, false);
+  } finally {
+    await reset();
   }
+  // The log says what the file decided, and how to undo a stop.
+  assert.deepEqual(records.map((r) => r.message.join("")), [
+    `Control state from ${stateFile}: output stopped (POST /api/audio/start starts it), ` +
+    "preset ultra, muted; microphone disabled, preset low",
+  ]);
   await Deno.writeTextFile(stateFile, "{not json");
   await using c = new AudioService({ capture: null, playback: null, stateFile });
   assert.equal(c.outputPreset.name, "high", "a corrupt file falls back to the flags");
