@@ -753,8 +753,10 @@ Deno.test("ffmpeg → RTP in: an Opus RTP stream from ffmpeg plays as the tone",
   ]);
   const { code, stderr } = await finish(child, 30000);
   assert.equal(code, 0, stderr);
-  const stats = receiver.stats;
+  // Counts once the worker no longer reads the socket: before, it may still take the last
+  // datagrams ffmpeg sent.
   await receiver.close();
+  const stats = receiver.stats;
   // Let the playout buffer drain and the worker report it.
   const decoded = () => counter(service.metrics.toJSON(), "kvm_audio_input_packets_decoded_total");
   // Every accepted packet ends up decoded or, on a starved machine, refused (late, too early,
