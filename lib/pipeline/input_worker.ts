@@ -273,14 +273,13 @@ function run(init: InputInit): void {
         if (took === "waiting" && playout.stats.buffered === 0) continue;
         now = virtualNow;
       } else {
-        inputEnded = drain();
-        // Wait until the device has room for a frame (or the clock says one is due).
+        // Wait until the device has room for a frame (or the clock says one is due), then take
+        // what came meanwhile: one drain per period, just before the frame is chosen.
         const need = Math.round((pcm.rate * frame) / 48000);
         if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
-        else if (pcm.avail() < need) {
-          pcm.wait(100);
-          continue;
-        }
+        else if (pcm.avail() < need) pcm.wait(100);
+        inputEnded = drain();
+        if (!pacer && pcm.avail() < need) continue;
         now = epochMs();
       }
 
