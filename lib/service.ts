@@ -455,7 +455,10 @@ export class AudioService implements AsyncDisposable {
     this.#changed();
   }
 
-  /** Stops the output pipeline (gracefully, then by terminate). */
+  /**
+   * Stops the output pipeline (gracefully, then by terminate). Resolves once the frames the
+   * worker published before it stopped have gone to the listeners too (waited for up to a second).
+   */
   async stopOutput(): Promise<void> {
     const p = this.#require(this.#output, "output");
     p.wanted = false;
@@ -463,6 +466,11 @@ export class AudioService implements AsyncDisposable {
     this.#save();
     this.#changed();
     await p.supervisor.stop();
+    // The frame pump hands frames over synchronously, in the turn that claims them.
+    const end = performance.now() + 1000;
+    while (this.#pumping && p.ring.available > 0 && performance.now() < end) {
+      await new Promise((r) => setTimeout(r, 1));
+    }
   }
 
   /** Starts the microphone (input) pipeline. */
