@@ -73,6 +73,7 @@ const COVERED: Readonly<Record<string, string>> = {
   'kvm_audio_stage_latency_ms{stage="due_to_written"}': "steady microphone stream",
   // Main thread: hand-over, microphone intake, transports.
   'kvm_audio_stage_latency_ms{stage="encoded_to_handed"}': "the frame pump",
+  'kvm_audio_stage_latency_ms{stage="encoded_to_rtp_sent"}': "RtpSender: the output worker sends",
   'kvm_audio_output_packets_sent_total{transport="websocket"}': "a listener on the stream",
   'kvm_audio_output_bytes_sent_total{transport="websocket"}': "a listener on the stream",
   'kvm_audio_output_packets_sent_total{transport="rtp"}': "RtpSender to a UDP socket",
@@ -348,6 +349,7 @@ Deno.test({
               'kvm_audio_stage_latency_ms{stage="capture_to_encoded"}',
               'kvm_audio_stage_latency_ms{stage="read_to_encoded"}',
               'kvm_audio_stage_latency_ms{stage="encoded_to_handed"}',
+              'kvm_audio_stage_latency_ms{stage="encoded_to_rtp_sent"}',
               'kvm_audio_output_packets_sent_total{transport="websocket"}',
               'kvm_audio_output_bytes_sent_total{transport="websocket"}',
               'kvm_audio_output_packets_sent_total{transport="rtp"}',

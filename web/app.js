@@ -1148,7 +1148,8 @@ function renderMeters() {
 
 const STAGE_NAMES = {
   capture_to_encoded: "Capture → encoded",
-  encoded_to_handed: "Encoded → sent",
+  encoded_to_handed: "Encoded → handed to WebSocket",
+  encoded_to_rtp_sent: "Encoded → sent as RTP",
   received_to_played: "Received → played (mic)",
 };
 

@@ -98,7 +98,7 @@ function run(init: OutputInit): void {
     registry,
     (slot, destination, errno) => post({ type: "rtp-error", slot, destination, errno }),
   );
-  const handed = transportMetrics(registry).encodedToHanded;
+  const rtpSent = transportMetrics(registry).encodedToRtpSent;
   const unpublished = new Uint8Array(OUTPUT_RING.slotBytes);
   const rtpFrame = {
     data: unpublished as Uint8Array,
@@ -262,7 +262,7 @@ function run(init: OutputInit): void {
             rtpFrame.timestamp = rtp;
             rtpFrame.samples = fs;
             rtpFrame.silence = silence;
-            if (rtpOut.send(rtpFrame) > 0) handed.observe(epochMs() - done);
+            if (rtpOut.send(rtpFrame) > 0) rtpSent.observe(epochMs() - done);
           }
           if (slot) {
             slot.seq = seq;

@@ -5,7 +5,9 @@
  * Stage latency is one histogram, `kvm_audio_stage_latency_ms{stage}`, with stages:
  * - `capture_to_encoded` — last sample of a frame captured (device time) → Opus packet written;
  * - `encoded_to_handed` — packet written → taken off the ring by the main thread and handed to
- *   the listeners/RTP destinations;
+ *   its listeners (WebSocket clients);
+ * - `encoded_to_rtp_sent` — packet written → sent by the output worker to every RTP destination
+ *   (once per frame, whatever the number of senders);
  * - `received_to_played` — packet received by the main thread → its audio reaches the DAC
  *   (written to the device plus what `snd_pcm_delay` says is queued ahead of it; the playout
  *   buffer's wait included).
@@ -95,7 +97,11 @@ export function inputMetrics(r: Registry) {
   };
 }
 
-/** Main-thread series (hand-over to listeners and RTP). */
+/**
+ * Transport series: hand-over to main-thread listeners and microphone intake (main thread), RTP
+ * output (the output worker, through `rtp_out.ts`, or the main thread for a frame source without
+ * a worker).
+ */
 export function transportMetrics(r: Registry) {
   const stage = stageLatency(r);
   return {
@@ -132,6 +138,7 @@ export function transportMetrics(r: Registry) {
       ["pipeline"],
     ),
     encodedToHanded: stage.labels({ stage: "encoded_to_handed" }),
+    encodedToRtpSent: stage.labels({ stage: "encoded_to_rtp_sent" }),
   };
 }
 

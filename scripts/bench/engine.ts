@@ -629,7 +629,8 @@ async function figurePaced(
     const stage of [
       "capture_to_encoded",
       "read_to_encoded",
-      "encoded_to_handed",
+      // The paced service has no WebSocket listener: its frames go out as RTP, from the worker.
+      "encoded_to_rtp_sent",
       "received_to_played",
       "due_to_written",
     ]
