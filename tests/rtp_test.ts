@@ -22,6 +22,8 @@ import {
 } from "../lib/transport/rtp.ts";
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
 import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
+import { HEAD, RtpOutput, RtpOutTable } from "../lib/transport/rtp_out.ts";
+import { socketAddress } from "../ffi/udp.ts";
 import { OpusDecoder } from "../ffi/opus.ts";
 import {
   readRaw,
@@ -536,6 +538,56 @@ Deno.test("RtpSender with sendDtx sends silence packets too, random SSRC/sequenc
   assert.equal(rtpOk(sink.datagrams[0]!).ssrc, a.ssrc);
   assert.equal(rtpOk(sink.datagrams[0]!).payloadType, 100);
   await sink.close();
+});
+
+Deno.test("RtpOutTable: removal waits for a send in progress, and a slot being removed is not reused", async () => {
+  const table = RtpOutTable.create();
+  const worker = RtpOutTable.attach(table.buffer); // the output worker's view
+  const settings = (fd: number, ssrc: number) => ({
+    payloadType: 111,
+    ssrc,
+    sequence: 0,
+    timestampBase: 0,
+    sendDtx: false,
+    destinations: [{ fd, to: socketAddress("127.0.0.1", 9), label: `127.0.0.1:9 (${ssrc})` }],
+  });
+  const a = table.add(settings(1000, 1));
+  assert.equal(worker.active, 1);
+
+  // A send in progress: remove() waits for it, and the slot stays taken meanwhile.
+  Atomics.store(worker.words, HEAD.busy, 1);
+  let removed: { idle: boolean } | null = null;
+  const removing = table.remove(a).then((r) => (removed = r));
+  await sleep(50);
+  assert.equal(removed, null, "remove() waits while a send is in progress");
+  assert.equal(worker.active, 0, "the sender is no longer sent to");
+  const b = table.add(settings(1001, 2));
+  assert.notEqual(b, a, "a slot being removed is not handed out again");
+  Atomics.store(worker.words, HEAD.busy, 0);
+  await removing;
+  assert.deepEqual(removed, {
+    idle: true,
+    counts: {
+      packets: 0,
+      dtxNotSent: 0,
+      destinations: [{ sent: 0, sentBytes: 0, errors: 0, lastError: null }],
+    },
+  });
+  assert.equal(table.add(settings(1002, 3)), a, "free once removed");
+
+  // A send that never ends (a worker terminated mid-send): the sockets must stay open.
+  Atomics.store(worker.words, HEAD.busy, 1);
+  const t0 = performance.now();
+  const stuck = await table.remove(b);
+  assert.equal(stuck.idle, false);
+  assert.ok(performance.now() - t0 >= 1900, "waited for the send");
+  // The next worker's RtpOutput clears the flag its predecessor left.
+  new RtpOutput(worker, new Registry(), () => {});
+  assert.equal(Atomics.load(worker.words, HEAD.busy), 0);
+  assert.throws(
+    () => table.add({ ...settings(1, 4), destinations: [] }),
+    RangeError,
+  );
 });
 
 Deno.test("RTP out is sent by the output worker: nothing for the main thread, numbering goes on across a restart", async () => {

@@ -8,9 +8,9 @@
  *   destinations (`--rtp-out HOST:PORT`, repeatable): one Opus packet per RTP packet, a random
  *   SSRC, a sequence number that starts at a random value and grows by one per packet sent, and a
  *   timestamp that is the frame's 48 kHz timestamp plus a random base (RFC 7587 §4.1: the clock is
- *   48 kHz whatever bandwidth is coded). The marker bit is set on the first packet and on the
- *   first packet after a gap (mute, frames dropped in the ring, skipped DTX packets). No RTCP is
- *   sent: receivers (ffmpeg, GStreamer, Janus) play RTP without sender reports.
+ *   48 kHz whatever bandwidth is coded). The marker bit is set on the first packet, on the first
+ *   after a gap (mute, skipped DTX packets) and on the first after an output worker restart. No
+ *   RTCP is sent: receivers (ffmpeg, GStreamer, Janus) play RTP without sender reports.
  * - {@link RtpReceiver} listens on a UDP port (`--rtp-in PORT`, 127.0.0.1 unless another host is
  *   configured) and lends the socket to the input worker, which validates each datagram as RTP
  *   and checks the Opus payload as {@link AudioService.pushMicrophonePacket} would, then plays it.
@@ -287,6 +287,9 @@ interface Target {
   readonly socket: UdpSocket;
 }
 
+/** Sockets a closed sender could not safely close (see {@link RtpSender.close}). */
+const STRANDED: UdpSocket[] = [];
+
 /**
  * Sends the service's encoded output frames as Opus RTP to fixed destinations. Open with
  * {@link RtpSender.open}; {@link close} stops it.
@@ -311,7 +314,7 @@ export class RtpSender implements AsyncDisposable {
   #unsubscribe: (() => void) | null = null;
   /** The counts when closed (the slot may serve another sender afterwards). */
   #final: RtpOutCounts | null = null;
-  #closed = false;
+  #closing: Promise<void> | null = null;
 
   private constructor(
     source: FrameSource,
@@ -453,14 +456,28 @@ export class RtpSender implements AsyncDisposable {
     });
   }
 
-  /** Stops sending and closes the sockets once no send can still be using them. Idempotent. */
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
-    this.#unsubscribe?.();
-    this.#unsubscribe = null;
-    this.#final = await this.#table.remove(this.#slot);
-    for (const t of this.#targets) t.socket.close();
+  /**
+   * Stops sending and closes the sockets once no send can still be using them (see
+   * `RtpOutTable.remove`; sockets a stuck send might still use are left open). Idempotent: every
+   * call resolves when the first one is done.
+   */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      this.#unsubscribe?.();
+      this.#unsubscribe = null;
+      const { counts, idle } = await this.#table.remove(this.#slot);
+      this.#final = counts;
+      if (idle) {
+        for (const t of this.#targets) t.socket.close();
+      } else {
+        // Kept referenced for good, so that no finalizer closes them either.
+        for (const t of this.#targets) STRANDED.push(t.socket);
+        log.warn("RTP sockets to {to} left open: the output worker did not finish a send", {
+          to: this.#targets.map((t) => `${t.dest.address}:${t.dest.port}`).join(", "),
+        });
+      }
+    })();
+    return this.#closing;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {

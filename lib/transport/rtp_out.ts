@@ -31,9 +31,9 @@ const log = getLogger(["kvm-audio", "rtp"]);
 /** How many senders one table holds, and destinations per sender. */
 export const RTP_OUT_LIMITS = { senders: 4, destinations: 8 } as const;
 
-/** Table header words. */
-const HEAD = { active: 0, busy: 1, words: 4 } as const;
-/** Words of a sender slot (settings; destinations follow at `dest`). */
+/** Table header words (exported for tests, which raise `busy` by hand). */
+export const HEAD = { active: 0, busy: 1, words: 4 } as const;
+/** Words of a sender slot (settings; destinations follow at `dest`). `state`: 0 free, 1 active, 2 being removed. */
 const S = {
   state: 0,
   epoch: 1,
@@ -54,6 +54,9 @@ const COUNTER_WORDS = C.dest + RTP_OUT_LIMITS.destinations * C.perDest;
 const INT_WORDS = HEAD.words + RTP_OUT_LIMITS.senders * SENDER_WORDS;
 /** Bytes of a table's SharedArrayBuffer. */
 const TABLE_BYTES = INT_WORDS * 4 + RTP_OUT_LIMITS.senders * COUNTER_WORDS * 8;
+
+/** How long {@link RtpOutTable.remove} waits for a send in progress. */
+const REMOVE_WAIT_MS = 2000;
 
 /** Largest Opus packet a sender is given (a ring slot: see `OUTPUT_RING`). */
 const MAX_PAYLOAD = 1500;
@@ -189,19 +192,26 @@ export class RtpOutTable {
   }
 
   /**
-   * Deactivates `slot` and resolves once no send can still be using its sockets (a sender
-   * mid-frame finishes first — microseconds; one gone for good is not waited for past a second),
-   * with the slot's final counts.
+   * Deactivates `slot` and resolves, with the slot's final counts, once no send can still be
+   * using its sockets: a sender mid-frame finishes first (microseconds). `idle` is false when
+   * `busy` stayed raised for {@link REMOVE_WAIT_MS} — a worker terminated mid-send, or one stalled
+   * there: the caller must then not close the sockets (a descriptor number reused by a TCP
+   * connection would receive the datagram). The slot is not free for another sender until this
+   * resolves.
    */
-  async remove(slot: number): Promise<RtpOutCounts> {
+  async remove(slot: number): Promise<{ counts: RtpOutCounts; idle: boolean }> {
     const w = this.words;
     const base = HEAD.words + slot * SENDER_WORDS;
-    if (Atomics.compareExchange(w, base + S.state, 1, 0) === 1) Atomics.sub(w, HEAD.active, 1);
-    const end = performance.now() + 1000;
+    // Draining (2): not sent to any more, not yet free for add().
+    if (Atomics.compareExchange(w, base + S.state, 1, 2) === 1) Atomics.sub(w, HEAD.active, 1);
+    const end = performance.now() + REMOVE_WAIT_MS;
     while (Atomics.load(w, HEAD.busy) !== 0 && performance.now() < end) {
       await new Promise((r) => setTimeout(r, 1));
     }
-    return this.counts(slot);
+    const idle = Atomics.load(w, HEAD.busy) === 0;
+    const counts = this.counts(slot);
+    Atomics.store(w, base + S.state, 0);
+    return { counts, idle };
   }
 
   /** Counts of `slot` so far. */
@@ -256,9 +266,10 @@ interface Stream {
  * to each of its destinations, at once on the non-blocking sockets. The kernel's socket buffer is
  * the only queue; when it is full (`EAGAIN`/`ENOBUFS`) the packet is dropped and counted as
  * `frames_dropped_total{reason="rtp_backlog"}` — a fresh packet is worth more to a live listener
- * than a late one. The marker bit goes on a sender's first packet and on the first after a gap (a
- * frame not sent: muted, unheard, dropped before it got here, or skipped DTX) — a gap shows as a
- * frame counter or timestamp that does not follow on.
+ * than a late one. The marker bit goes on a sender's first packet (a new sender, or a restarted
+ * worker) and on the first after a gap (frames not sent: muted, or skipped DTX; frames a
+ * main-thread source dropped before handing them over) — a gap shows as a frame counter or
+ * timestamp that does not follow on.
  */
 export class RtpOutput {
   readonly #table: RtpOutTable;
