@@ -320,8 +320,11 @@ export class AudioService implements AsyncDisposable {
         options.playback !== null,
         "POST /api/microphone/start",
       );
+      // One plain message (property values would be quoted); braces in the path are escaped, as
+      // LogTape reads `{…}` in a message as a placeholder.
+      const path = options.stateFile!.replaceAll("{", "{{").replaceAll("}", "}}");
       log.info(
-        `Control state from ${options.stateFile}: output ${output}, preset ${st.outputPreset}${
+        `Control state from ${path}: output ${output}, preset ${st.outputPreset}${
           st.muted ? ", muted" : ""
         }; microphone ${mic}, preset ${st.microphonePreset}`,
       );

@@ -202,7 +202,9 @@ Deno.test("a missing device leaves the service up, waiting and retrying", async 
 
 Deno.test("control state is saved atomically and restored by a new service", async () => {
   await using dir = await tempDir();
-  const stateFile = `${dir.path}/state.json`;
+  // Braces in the path: LogTape must not read them as a placeholder in the start-up log.
+  await Deno.mkdir(`${dir.path}/{x}`);
+  const stateFile = `${dir.path}/{x}/state.json`;
   {
     await using a = new AudioService({ capture: null, playback: null, stateFile });
     assert.throws(() => a.setOutputPreset("loud"), RangeError);
