@@ -110,7 +110,8 @@ interface InitCommon {
    * Pacing: "device" (default) waits on the PCM; "clock" paces by the wall clock for unpaced
    * virtual devices (the ALSA `file` plugin over `null`), as hardware would; "flat" runs with no
    * clock at all on unpaced devices — the output as fast as the device delivers and the main
-   * thread takes the frames (waiting for room in its ring instead of dropping), the input one
+   * thread takes the frames (waiting for room in its ring instead of dropping; RTP senders are
+   * not waited for: what the socket buffer cannot hold is dropped as `rtp_backlog`), the input one
    * frame per packet as fast as packets come (see input_worker.ts) — for benchmarks and offline
    * encoding and decoding.
    */
