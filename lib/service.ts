@@ -746,19 +746,22 @@ export class AudioService implements AsyncDisposable {
   }
 
   /**
-   * Takes the RTP socket back from the input worker: once this resolves the worker no longer
-   * reads it (a worker mid-read finishes first — microseconds; one gone for good is not waited
-   * for past a second) and the caller may close it.
+   * Takes the RTP socket back from the input worker. Resolves true once the worker no longer
+   * reads it (a worker mid-read finishes first — microseconds) and the caller may close it; false
+   * when the worker's busy flag stayed raised for 2 s (a worker terminated mid-read, or stalled
+   * there): then the caller must leave the socket open, as a descriptor number reused by another
+   * socket would be read from. The next input worker clears a flag its predecessor left.
    */
-  async detachRtpInput(): Promise<void> {
+  async detachRtpInput(): Promise<boolean> {
     const p = this.#input;
-    if (!p || !this.#rtpAttached) return;
+    if (!p || !this.#rtpAttached) return true;
     Atomics.store(p.control, CONTROL.rtpFd, -1);
-    const end = performance.now() + 1000;
+    const end = performance.now() + 2000;
     while (Atomics.load(p.control, CONTROL.rtpBusy) !== 0 && performance.now() < end) {
       await new Promise((r) => setTimeout(r, 1));
     }
     this.#rtpAttached = false;
+    return Atomics.load(p.control, CONTROL.rtpBusy) === 0;
   }
 
   /**

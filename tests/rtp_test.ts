@@ -923,6 +923,34 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
 // -------------------------------------------------------------------------------------------
 // Fuzz.
 
+Deno.test("RTP in: a socket the input worker might still be reading is left open, not closed under it", async () => {
+  await using dir = await tempDir();
+  const { service, alsa } = await microphoneService(dir.path, 100);
+  using _cfg = alsa;
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    await service.stopMicrophone();
+    // The busy flag raised, as a worker terminated in the middle of a read leaves it.
+    const control = service.controlBlock("input")!;
+    Atomics.store(control, CONTROL.rtpBusy, 1);
+    const t0 = performance.now();
+    await receiver.close();
+    assert.ok(performance.now() - t0 >= 1900, "close() waited for the read");
+    assert.ok((await boundUdpPorts()).has(receiver.port), "the socket is left open and bound");
+    // The next worker clears the flag its predecessor left; a receiver then closes as usual.
+    service.startMicrophone();
+    await waitFor("the microphone pipeline again", () => service.microphoneStatus().running);
+    assert.equal(Atomics.load(control, CONTROL.rtpBusy), 0);
+    const again = await RtpReceiver.listen(service, { port: 0 });
+    await again.close();
+    assert.ok(!(await boundUdpPorts()).has(again.port), "closed once nothing reads it");
+  } finally {
+    await service.close();
+  }
+});
+
 Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for every one", async () => {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 200);

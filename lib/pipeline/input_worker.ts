@@ -55,6 +55,8 @@ function syncCounter(c: { value(): number; inc(n: number): void }, total: number
 
 function run(init: InputInit): void {
   const ctl = new WorkerControl(init);
+  // A predecessor terminated mid-read left the RTP busy flag raised; this worker is the reader now.
+  Atomics.store(ctl.words, CONTROL.rtpBusy, 0);
   const ring = FrameRing.attach(init.ring);
   const registry = new Registry();
   const m = inputMetrics(registry);

@@ -58,7 +58,8 @@ export const CONTROL = {
    * RTP input read by the worker itself (words 22–24): the UDP socket's descriptor, lent by the
    * main thread (-1: none), the payload type it accepts (-1: any dynamic one), and 1 while the
    * worker is reading the socket — the main thread clears the descriptor, then waits for this to
-   * be 0 before it closes the socket (see `AudioService.detachRtpInput`).
+   * be 0 before it closes the socket (up to 2 s; after that it leaves the socket open: see
+   * `AudioService.detachRtpInput`). A starting input worker clears it.
    */
   rtpFd: 22,
   rtpPayloadType: 23,

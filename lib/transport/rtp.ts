@@ -287,7 +287,10 @@ interface Target {
   readonly socket: UdpSocket;
 }
 
-/** Sockets a closed sender could not safely close (see {@link RtpSender.close}). */
+/**
+ * Sockets a closed sender or receiver could not safely close (see {@link RtpSender.close},
+ * {@link RtpReceiver.close}): kept referenced for good, so no finalizer closes them either.
+ */
 const STRANDED: UdpSocket[] = [];
 
 /**
@@ -470,7 +473,6 @@ export class RtpSender implements AsyncDisposable {
       if (idle) {
         for (const t of this.#targets) t.socket.close();
       } else {
-        // Kept referenced for good, so that no finalizer closes them either.
         for (const t of this.#targets) STRANDED.push(t.socket);
         log.warn("RTP sockets to {to} left open: the output worker did not finish a send", {
           to: this.#targets.map((t) => `${t.dest.address}:${t.dest.port}`).join(", "),
@@ -545,7 +547,7 @@ export class RtpReceiver implements AsyncDisposable {
   readonly #stats: Int32Array;
   readonly #port: number;
   readonly #address: string;
-  #closed = false;
+  #closing: Promise<void> | null = null;
 
   private constructor(socket: UdpSocket, sink: MicrophoneSink, address: string) {
     this.#socket = socket;
@@ -629,12 +631,27 @@ export class RtpReceiver implements AsyncDisposable {
     };
   }
 
-  /** Takes the socket back from the worker and closes it. Idempotent. */
-  async close(): Promise<void> {
-    if (this.#closed) return;
-    this.#closed = true;
-    await this.#sink.detachRtpInput();
-    this.#socket.close();
+  /**
+   * Takes the socket back from the worker and closes it — unless the worker may still be reading
+   * it (see `AudioService.detachRtpInput`): then it is left open and bound. Idempotent: every
+   * call resolves when the first one is done.
+   */
+  close(): Promise<void> {
+    this.#closing ??= (async () => {
+      if (await this.#sink.detachRtpInput()) {
+        this.#socket.close();
+      } else {
+        STRANDED.push(this.#socket);
+        log.warn(
+          "RTP input socket {address}:{port} left open: the input worker did not finish a read",
+          {
+            address: this.#address,
+            port: this.#port,
+          },
+        );
+      }
+    })();
+    return this.#closing;
   }
 
   async [Symbol.asyncDispose](): Promise<void> {
