@@ -45,6 +45,7 @@ import {
 import { checkMicrophonePacket } from "./pipeline/microphone_packet.ts";
 import { RTP_STATS_BYTES } from "./transport/rtp_header.ts";
 import { RtpOutTable } from "./transport/rtp_out.ts";
+import { pollUntil, WORKER_CALL_WAIT_MS } from "./poll.ts";
 import {
   frameSamples,
   getPreset,
@@ -470,10 +471,7 @@ export class AudioService implements AsyncDisposable {
     this.#changed();
     await p.supervisor.stop();
     // The frame pump hands frames over synchronously, in the turn that claims them.
-    const end = performance.now() + 1000;
-    while (this.#pumping && p.ring.available > 0 && performance.now() < end) {
-      await new Promise((r) => setTimeout(r, 1));
-    }
+    await pollUntil(() => !this.#pumping || p.ring.available === 0, 1000);
   }
 
   /** Starts the microphone (input) pipeline. */
@@ -756,12 +754,12 @@ export class AudioService implements AsyncDisposable {
     const p = this.#input;
     if (!p || !this.#rtpAttached) return true;
     Atomics.store(p.control, CONTROL.rtpFd, -1);
-    const end = performance.now() + 2000;
-    while (Atomics.load(p.control, CONTROL.rtpBusy) !== 0 && performance.now() < end) {
-      await new Promise((r) => setTimeout(r, 1));
-    }
+    const idle = await pollUntil(
+      () => Atomics.load(p.control, CONTROL.rtpBusy) === 0,
+      WORKER_CALL_WAIT_MS,
+    );
     this.#rtpAttached = false;
-    return Atomics.load(p.control, CONTROL.rtpBusy) === 0;
+    return idle;
   }
 
   /**

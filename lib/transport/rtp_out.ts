@@ -23,6 +23,7 @@
 import { getLogger } from "@logtape/logtape";
 import { ERRNO, errnoText, UdpSocket } from "../../ffi/udp.ts";
 import type { Registry } from "../metrics.ts";
+import { pollUntil, WORKER_CALL_WAIT_MS } from "../poll.ts";
 import { transportMetrics } from "../pipeline/pipeline_metrics.ts";
 import { RTP_HEADER_BYTES, RTP_VERSION, rtpMetrics } from "./rtp_header.ts";
 
@@ -54,9 +55,6 @@ const COUNTER_WORDS = C.dest + RTP_OUT_LIMITS.destinations * C.perDest;
 const INT_WORDS = HEAD.words + RTP_OUT_LIMITS.senders * SENDER_WORDS;
 /** Bytes of a table's SharedArrayBuffer. */
 const TABLE_BYTES = INT_WORDS * 4 + RTP_OUT_LIMITS.senders * COUNTER_WORDS * 8;
-
-/** How long {@link RtpOutTable.remove} waits for a send in progress. */
-const REMOVE_WAIT_MS = 2000;
 
 /** Largest Opus packet a sender is given (a ring slot: see `OUTPUT_RING`). */
 const MAX_PAYLOAD = 1500;
@@ -194,7 +192,7 @@ export class RtpOutTable {
   /**
    * Deactivates `slot` and resolves, with the slot's final counts, once no send can still be
    * using its sockets: a sender mid-frame finishes first (microseconds). `idle` is false when
-   * `busy` stayed raised for {@link REMOVE_WAIT_MS} — a worker terminated mid-send, or one stalled
+   * `busy` stayed raised for `WORKER_CALL_WAIT_MS` — a worker terminated mid-send, or one stalled
    * there: the caller must then not close the sockets (a descriptor number reused by a TCP
    * connection would receive the datagram). The slot is not free for another sender until this
    * resolves.
@@ -204,11 +202,7 @@ export class RtpOutTable {
     const base = HEAD.words + slot * SENDER_WORDS;
     // Draining (2): not sent to any more, not yet free for add().
     if (Atomics.compareExchange(w, base + S.state, 1, 2) === 1) Atomics.sub(w, HEAD.active, 1);
-    const end = performance.now() + REMOVE_WAIT_MS;
-    while (Atomics.load(w, HEAD.busy) !== 0 && performance.now() < end) {
-      await new Promise((r) => setTimeout(r, 1));
-    }
-    const idle = Atomics.load(w, HEAD.busy) === 0;
+    const idle = await pollUntil(() => Atomics.load(w, HEAD.busy) === 0, WORKER_CALL_WAIT_MS);
     const counts = this.counts(slot);
     Atomics.store(w, base + S.state, 0);
     return { counts, idle };
