@@ -130,7 +130,8 @@ EOF
     echo $! >"$pidfile"
     for _ in $(seq 1 100); do
       answers && break
-      if ! our_pid >/dev/null; then
+      # Gone, not merely not yet exec'ed (until then its command line is this shell's).
+      if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
         echo "virtual-audio: pulseaudio exited; its log ($log):" >&2
         tail -n 15 "$log" >&2 || true
         rm -f "$pidfile"
@@ -141,6 +142,8 @@ EOF
     if ! answers; then
       echo "virtual-audio: pulseaudio does not answer on $socket; its log ($log):" >&2
       tail -n 15 "$log" >&2 || true
+      kill "$(cat "$pidfile")" 2>/dev/null || true # not left running behind a failed start
+      rm -f "$pidfile"
       exit 1
     fi
     echo "virtual-audio: PulseAudio started (pid $(cat "$pidfile")), tone ${tone_hz} Hz" >&2
