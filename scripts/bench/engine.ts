@@ -111,8 +111,14 @@ const ULTRA = OUTPUT_PRESETS.ultra;
 /**
  * Frames through each pipeline before a CPU window opens, as many as the floor's warm-up pass:
  * both sides are measured with their loops compiled (a one-off cost, not a per-minute one).
+ * 3000 frames (30 s of audio at ultra): V8's optimising compiler is still at work on the
+ * workers' code after 500. Measured on the output-alone child, 60 s window, two runs each: V8's
+ * background threads took 0.05–0.07 CPU-s in the window after a 500-frame warm-up, 0.02–0.03
+ * after 3000 and 0.03 after 6000 (what is left is garbage collection), the window as a whole
+ * 0.83–0.85 CPU-s after 500 and 0.76–0.80 after 3000 or 6000. The floor's tight loops are
+ * compiled long before; they are warmed up alike for symmetry.
  */
-const WARMUP_FRAMES = 500;
+const WARMUP_FRAMES = 3000;
 /** Child runs per CPU figure; the median is reported. */
 const CPU_RUNS = 3;
 const FRAME_MS = ULTRA.frameMs;
@@ -417,11 +423,13 @@ async function figureCpu(
   const signal = benchSignal(seconds);
   const packets = microphonePackets(signal);
   const capture = `${dir}/capture.raw`, packetFile = `${dir}/microphone.bin`;
-  // The capture file: the signal's first WARMUP_FRAMES frames (the warm-up, before the window),
-  // then the whole signal (the window), so that the window encodes what the floor encodes.
+  // The capture file: WARMUP_FRAMES frames of the signal from its start, looped if the signal is
+  // shorter (the warm-up, before the window), then the whole signal (the window), so that the window encodes what the floor encodes.
   const warm = WARMUP_FRAMES * frameSamples(ULTRA) * ULTRA.channels;
   const file = new Int16Array(warm + signal.length);
-  file.set(signal.subarray(0, warm));
+  for (let at = 0; at < warm; at += signal.length) {
+    file.set(signal.subarray(0, Math.min(signal.length, warm - at)), at);
+  }
   file.set(signal, warm);
   await writeRaw(capture, file);
   await writePackets(packetFile, packets);
@@ -693,7 +701,9 @@ async function figureSoak(
       soak.checkpoints.map((c) =>
         `${c.outputFrames} out / ${c.inputDecoded} in (${c.inputPlayed} played) after ${
           c.seconds.toFixed(0)
-        } s: RSS ${mb(c.rss).toFixed(1)} MB, heap ${mb(c.heapUsed).toFixed(1)} MB`
+        } s: RSS ${mb(c.rss).toFixed(1)} MB (anon ${mb(c.rssParts.anon).toFixed(1)}, file ${
+          mb(c.rssParts.file).toFixed(1)
+        }, shmem ${mb(c.rssParts.shmem).toFixed(1)}), heap ${mb(c.heapUsed).toFixed(1)} MB`
       ).join("; ")
     }; at the end (${
       soak.seconds.toFixed(0)

@@ -37,6 +37,7 @@ import {
   type PacedRunReport,
   processCpuSeconds,
   readPackets,
+  rssParts,
   type SoakCheckpoint,
   type SoakRunConfig,
   type SoakRunReport,
@@ -304,11 +305,13 @@ async function soakRun(cfg: SoakRunConfig): Promise<SoakRunReport> {
       if (handed >= target && decoded >= target) {
         gc?.();
         const mem = Deno.memoryUsage();
+        const parts = await rssParts();
         checkpoints.push({
           outputFrames: handed,
           inputDecoded: decoded,
           inputPlayed: counterTotal(json, PLAYED),
           rss: mem.rss,
+          rssParts: parts,
           heapUsed: mem.heapUsed,
           seconds: (performance.now() - t0) / 1000,
         });
