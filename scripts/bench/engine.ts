@@ -81,7 +81,13 @@ export interface EngineOptions {
   readonly cpuSeconds?: number;
   /** Measured window of the paced runs, seconds (default 30; quick 10). */
   readonly pacedSeconds?: number;
-  /** Warm-up of the paced runs before the window, seconds (default 4). */
+  /**
+   * Warm-up of the paced runs before the window, seconds (default 30, as long as figure 1's
+   * {@link WARMUP_FRAMES}; quick 4). After 4 s (400 frames) V8 is still compiling the workers'
+   * code: ours measured 3.82 CPU-s per audio minute after a 4 s warm-up against 3.16 and 3.36
+   * after 30 s (three runs, the GStreamer pair at 4.06–4.42 alike). All three programs get the
+   * same warm-up.
+   */
   readonly pacedWarmupSeconds?: number;
   /** Frames through each pipeline for figure 4 (default 10⁶; quick 10⁵). */
   readonly soakFrames?: number;
@@ -424,7 +430,8 @@ async function figureCpu(
   const packets = microphonePackets(signal);
   const capture = `${dir}/capture.raw`, packetFile = `${dir}/microphone.bin`;
   // The capture file: WARMUP_FRAMES frames of the signal from its start, looped if the signal is
-  // shorter (the warm-up, before the window), then the whole signal (the window), so that the window encodes what the floor encodes.
+  // shorter (the warm-up, before the window), then the whole signal (the window), so that the
+  // window encodes what the floor encodes.
   const warm = WARMUP_FRAMES * frameSamples(ULTRA) * ULTRA.channels;
   const file = new Int16Array(warm + signal.length);
   for (let at = 0; at < warm; at += signal.length) {
@@ -740,7 +747,7 @@ export async function benchEngine(opts: EngineOptions = {}): Promise<BenchResult
     opts.pacedSeconds ?? (quick ? 10 : 30),
     3600,
   );
-  const warmup = checkPositive("paced warm-up", opts.pacedWarmupSeconds ?? 4, 600);
+  const warmup = checkPositive("paced warm-up", opts.pacedWarmupSeconds ?? (quick ? 4 : 30), 600);
   const soakFrames = Math.round(
     checkPositive("soak frame count", opts.soakFrames ?? (quick ? 100_000 : 1_000_000), 1e8),
   );
