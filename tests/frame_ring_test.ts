@@ -502,3 +502,57 @@ Deno.test("FrameRing: main-thread producer, worker consumer, 200 000 frames inta
     worker.terminate();
   }
 });
+
+/** One wait as frame_ring_waiter.ts reported it. */
+interface WakeUp {
+  readonly action: "publish" | "end";
+  readonly result: string;
+  readonly ms: number;
+  readonly wakeUps: number;
+}
+
+/** Timeout of each wait in {@link wakeUps}: far longer than any wake-up takes. */
+const WAIT_TIMEOUT_MS = 20_000;
+
+/**
+ * `worker` (frame_ring_waiter.ts) blocks in `waitForData` on the empty `ring` with a 20 s
+ * timeout; 50 ms later this thread publishes a frame, then, in a second wait, ends the ring. Each
+ * wait reports whether the producer's signal ended its sleep (`wakeUps`) and how long it took: a
+ * lost wake-up shows as a 20 s wait ended by the timeout.
+ */
+async function wakeUps(worker: Worker, ring: FrameRing): Promise<WakeUp[]> {
+  const next = inbox(worker);
+  const expect = async (type: string) => {
+    const m = await next();
+    assert.equal(m.type, type, JSON.stringify(m));
+    return m;
+  };
+  const out: WakeUp[] = [];
+  for (const action of ["publish", "end"] as const) {
+    worker.postMessage({ buffer: ring.buffer, timeoutMs: WAIT_TIMEOUT_MS });
+    await expect("sleeping");
+    await new Promise((r) => setTimeout(r, 50)); // let it fall asleep
+    if (action === "publish") ring.publish(ring.reserve(), 8);
+    else ring.end();
+    const { result, ms, wakeUps } = await expect("woke");
+    out.push({ action, result: String(result), ms: Number(ms), wakeUps: Number(wakeUps) });
+  }
+  return out;
+}
+
+Deno.test("FrameRing: a worker sleeping in waitForData wakes on a publish and on end()", async () => {
+  const ring = FrameRing.create({ slots: 4, slotBytes: 64 });
+  const worker = startWorker("frame_ring_waiter.ts");
+  try {
+    const waits = await wakeUps(worker, ring);
+    assert.deepEqual(waits.map((w) => [w.action, w.result, w.wakeUps]), [
+      ["publish", "ok", 1],
+      ["end", "ended", 1],
+    ]);
+    for (const w of waits) {
+      assert.ok(w.ms < WAIT_TIMEOUT_MS / 2, `${w.action}: woke after ${w.ms} ms`);
+    }
+  } finally {
+    worker.terminate();
+  }
+});
