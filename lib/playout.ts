@@ -920,14 +920,13 @@ class SortedWindow {
     const sorted = this.#sorted;
     let n = this.count;
     if (n === ring.length) {
-      // Remove the oldest value from the sorted copy.
-      for (let i = lowerBound(sorted, n, ring[this.#pos]!); i < n - 1; i++) {
-        sorted[i] = sorted[i + 1]!;
-      }
+      // Remove the oldest value from the sorted copy (copyWithin: one memmove).
+      const old = lowerBound(sorted, n, ring[this.#pos]!);
+      sorted.copyWithin(old, old + 1, n);
       n--;
     }
     const at = lowerBound(sorted, n, v);
-    for (let i = n; i > at; i--) sorted[i] = sorted[i - 1]!;
+    sorted.copyWithin(at + 1, at, n);
     sorted[at] = v;
     this.count = n + 1;
     ring[this.#pos] = v;
