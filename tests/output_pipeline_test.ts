@@ -3,7 +3,7 @@ import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { AudioService, type EncodedFrame } from "../lib/service.ts";
 import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
-import { useCaptureFile } from "./alsa_devices.ts";
+import { toneOutputService, useCaptureFile } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {
@@ -145,17 +145,10 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
 }, async () => {
   await using dir = await tempDir();
   const seconds = 6;
-  using _cfg = await useCaptureFile(
-    dir.path,
-    tone({ freq: 440, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
-  );
-  await using service = new AudioService({
-    capture: "kvm_test_capture",
-    playback: null,
+  await using out = await toneOutputService(dir.path, { freq: 440, seconds }, {
     outputPreset: "medium",
-    pace: "clock",
-    maxCaptureSamples: 48000 * seconds,
   });
+  const service = out.service;
   const [c, listener] = collector();
   service.subscribe(listener);
   service.start();
@@ -205,18 +198,11 @@ Deno.test("live preset change reads back from a running encoder", () => {
 Deno.test("output with nobody listening encodes nothing; a listener joining gets the tone, numbered on", async () => {
   await using dir = await tempDir();
   const seconds = EMULATED ? 4 : 3;
-  using _cfg = await useCaptureFile(
-    dir.path,
-    tone({ freq: 1000, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
-  );
-  await using service = new AudioService({
-    capture: "kvm_test_capture",
-    playback: null,
+  await using out = await toneOutputService(dir.path, { freq: 1000, seconds }, {
     outputPreset: "ultra",
-    pace: "clock",
-    maxCaptureSamples: 48000 * seconds,
     metricsIntervalMs: 50,
   });
+  const service = out.service;
   const control = service.controlBlock("output")!;
   const counters = () => service.metrics.toJSON().counters;
   service.start();

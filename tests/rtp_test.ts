@@ -27,6 +27,7 @@ import { socketAddress } from "../ffi/udp.ts";
 import { OpusDecoder } from "../ffi/opus.ts";
 import {
   readRaw,
+  toneOutputService,
   useAlsaConfig,
   useCaptureFile,
   writeAlsaConfig,
@@ -686,18 +687,10 @@ Deno.test("RTP out is sent by the output worker: nothing for the main thread, nu
 
 Deno.test("RTP out → ffmpeg: the SDP and stream decode to the captured tone", async () => {
   await using dir = await tempDir();
-  const seconds = 10;
-  using _cfg = await useCaptureFile(
-    dir.path,
-    tone({ freq: 1000, channels: 2, frames: 48000 * seconds, amplitude: 0.4 }),
-  );
-  await using service = new AudioService({
-    capture: "kvm_test_capture",
-    playback: null,
+  await using output = await toneOutputService(dir.path, { freq: 1000, seconds: 10 }, {
     outputPreset: "high",
-    pace: "clock",
-    maxCaptureSamples: 48000 * seconds,
   });
+  const service = output.service;
   const port = await freePortPair();
   await using sender = await RtpSender.open(service, { destinations: [`127.0.0.1:${port}`] });
   const sdpPath = `${dir.path}/stream.sdp`;
