@@ -3,7 +3,8 @@ import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { AudioService, type EncodedFrame } from "../lib/service.ts";
 import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
-import { toneOutputService, useCaptureFile } from "./alsa_devices.ts";
+import { useCaptureFile } from "./alsa_devices.ts";
+import { toneOutputService } from "./output_service.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {

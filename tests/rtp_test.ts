@@ -27,13 +27,13 @@ import { socketAddress } from "../ffi/udp.ts";
 import { OpusDecoder } from "../ffi/opus.ts";
 import {
   readRaw,
-  toneOutputService,
   useAlsaConfig,
   useCaptureFile,
   writeAlsaConfig,
   writeRaw,
 } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { toneOutputService } from "./output_service.ts";
 import {
   counter,
   fuzzRandom,
