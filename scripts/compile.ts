@@ -21,13 +21,24 @@ export type Target = keyof typeof TARGETS;
 
 /**
  * V8 flags of the service (`deno task start`, the executable, the benchmarks' service children):
- * a young generation capped at 1 MB semi-spaces. V8 otherwise grows it to 16 MB semi-spaces under
- * a steady allocation rate — per isolate, and the service has three (main and two workers) — and
- * keeps that memory: 30 MB more RSS after 10⁶ frames with nothing more live (heap used stays
- * 7 MB). Capped, RSS stays within 6 % of its level after 10⁴ frames, at no measurable CPU cost
- * (`deno task bench engine`, README "Figures"). A KVM device's RAM is small.
+ * - `--max-semi-space-size=1`: a young generation capped at 1 MB semi-spaces. V8 otherwise grows
+ *   it to 16 MB semi-spaces under a steady allocation rate — per isolate, and the service has
+ *   three (main and two workers) — and keeps that memory: 30 MB more RSS after 10⁶ frames with
+ *   nothing more live (heap used stays 7 MB). Capped, RSS stays within 8 % of its level after
+ *   10⁴ frames, at no measurable CPU cost (`deno task bench engine`, README "Figures"). A KVM
+ *   device's RAM is small.
+ * - `--no-maglev`: hot functions go from the baseline tier straight to TurboFan. Code compiled by
+ *   Maglev calls FFI symbols through V8's slow path — two trivial libc calls took 125 ns under
+ *   Maglev (`--no-turbofan`) against 8 ns under TurboFan — and V8 leaves much of the workers'
+ *   per-period code at that tier for good: `Pcm.wait`, `takeRtp`, `readRtp`, `inspectPacket` and
+ *   the playout's `next` were still Maglev code after 150 s of paced streaming (`perf` with
+ *   `--perf-basic-prof`). Steady state on the paced devices (both pipelines at ultra, RTP to
+ *   itself, per-thread CPU over 60 s after a 120 s warm-up, two alternating pairs): output worker
+ *   1.20 and 1.41 CPU-s per audio minute against 1.52 and 1.59, input worker 0.82 and 1.06
+ *   against 1.13 and 1.16, whole process 3.02 and 3.63 against 3.82 and 3.97. The cost is more
+ *   TurboFan compilation in the first minute.
  */
-export const V8_FLAGS = ["--max-semi-space-size=1"];
+export const V8_FLAGS = ["--max-semi-space-size=1", "--no-maglev"];
 
 /** Permissions and V8 flags baked into the executable: the same as `deno task start`. */
 export const RUNTIME_FLAGS = [
