@@ -82,11 +82,13 @@ export interface EngineOptions {
   /** Measured window of the paced runs, seconds (default 30; quick 10). */
   readonly pacedSeconds?: number;
   /**
-   * Warm-up of the paced runs before the window, seconds (default 30, as long as figure 1's
-   * {@link WARMUP_FRAMES}; quick 4). After 4 s (400 frames) V8 is still compiling the workers'
-   * code: ours measured 3.82 CPU-s per audio minute after a 4 s warm-up against 3.16 and 3.36
-   * after 30 s (three runs, the GStreamer pair at 4.06–4.42 alike). All three programs get the
-   * same warm-up.
+   * Warm-up of the paced runs before the window, seconds (default 120; quick 4), the same for all
+   * three programs: ours is measured in its steady state, its code compiled by TurboFan. After
+   * 4 s (400 frames) V8 was still compiling the workers' code: ours measured 3.82 CPU-s per audio
+   * minute after a 4 s warm-up against 3.16 and 3.36 after 30 s (the GStreamer pair at 4.06–4.42
+   * alike). Without Maglev (`V8_FLAGS`, scripts/compile.ts) 30 s is not enough either: per-thread
+   * CPU over 30 s after 30 s came out even with and without the flag (3.78–4.20 against
+   * 3.88–4.16), over 60 s after 120 s 3.02 and 3.63 against 3.82 and 3.97.
    */
   readonly pacedWarmupSeconds?: number;
   /** Frames through each pipeline for figure 4 (default 10⁶; quick 10⁵). */
@@ -117,14 +119,15 @@ const ULTRA = OUTPUT_PRESETS.ultra;
 /**
  * Frames through each pipeline before a CPU window opens, as many as the floor's warm-up pass:
  * both sides are measured with their loops compiled (a one-off cost, not a per-minute one).
- * 3000 frames (30 s of audio at ultra): V8's optimising compiler is still at work on the
- * workers' code after 500. Measured on the output-alone child, 60 s window, two runs each: V8's
- * background threads took 0.05–0.07 CPU-s in the window after a 500-frame warm-up, 0.02–0.03
- * after 3000 and 0.03 after 6000 (what is left is garbage collection), the window as a whole
- * 0.83–0.85 CPU-s after 500 and 0.76–0.80 after 3000 or 6000. The floor's tight loops are
- * compiled long before; they are warmed up alike for symmetry.
+ * 12 000 frames (2 min of audio at ultra). With Maglev, V8 was still compiling the workers' code
+ * after 500 frames and done after 3000 (output-alone child, 60 s window, two runs each: V8's
+ * background threads took 0.05–0.07 CPU-s in the window after 500, 0.02–0.03 after 3000 or
+ * 6000). Without Maglev (`V8_FLAGS`, scripts/compile.ts) TurboFan takes longer to get there:
+ * after 3000 frames the background threads took 0.08 of a both-pipelines window (0.81–0.83 CPU-s
+ * in all), after 12 000 0.02–0.03 (0.74–0.77 in all). The floor's tight loops are compiled long
+ * before; they are warmed up alike for symmetry.
  */
-const WARMUP_FRAMES = 3000;
+const WARMUP_FRAMES = 12_000;
 /** Child runs per CPU figure; the median is reported. */
 const CPU_RUNS = 3;
 const FRAME_MS = ULTRA.frameMs;
@@ -747,7 +750,7 @@ export async function benchEngine(opts: EngineOptions = {}): Promise<BenchResult
     opts.pacedSeconds ?? (quick ? 10 : 30),
     3600,
   );
-  const warmup = checkPositive("paced warm-up", opts.pacedWarmupSeconds ?? (quick ? 4 : 30), 600);
+  const warmup = checkPositive("paced warm-up", opts.pacedWarmupSeconds ?? (quick ? 4 : 120), 600);
   const soakFrames = Math.round(
     checkPositive("soak frame count", opts.soakFrames ?? (quick ? 100_000 : 1_000_000), 1e8),
   );
