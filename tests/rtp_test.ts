@@ -913,9 +913,6 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
   assert.ok(Math.abs(f - 500) < 6, `dominant frequency ${f.toFixed(1)} Hz`);
 });
 
-// -------------------------------------------------------------------------------------------
-// Fuzz.
-
 Deno.test("RTP in: a socket the input worker might still be reading is left open, not closed under it", async () => {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 100);
@@ -943,6 +940,9 @@ Deno.test("RTP in: a socket the input worker might still be reading is left open
     await service.close();
   }
 });
+
+// -------------------------------------------------------------------------------------------
+// Fuzz.
 
 Deno.test("RTP in survives 10⁵ random and mutated packets and accounts for every one", async () => {
   await using dir = await tempDir();

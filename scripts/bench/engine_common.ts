@@ -124,21 +124,6 @@ export async function clockTicksPerSecond(): Promise<number> {
  * The text of files under /proc. Deno refuses to read /proc without `--allow-all`, so unless it
  * may, `cat` (an `--allow-run` away) reads them; its CPU is its own, not the process read.
  */
-/**
- * This process's resident memory split by kind, bytes, from `/proc/<pid>/status`: `anon` (heaps,
- * stacks, arenas: what a leak grows), `file` (mapped files, mostly the `deno` binary's pages
- * touched so far) and `shmem` (shared memory: the frame rings).
- */
-export async function rssParts(): Promise<{ anon: number; file: number; shmem: number }> {
-  const text = await readProc([`/proc/${Deno.pid}/status`]);
-  const kb = (key: string) => {
-    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(text);
-    if (m === null) throw new Error(`No ${key} in /proc/${Deno.pid}/status`);
-    return Number(m[1]) * 1024;
-  };
-  return { anon: kb("RssAnon"), file: kb("RssFile"), shmem: kb("RssShmem") };
-}
-
 async function readProc(paths: readonly string[]): Promise<string> {
   try {
     return paths.map((p) => Deno.readTextFileSync(p)).join("");
@@ -153,6 +138,22 @@ async function readProc(paths: readonly string[]): Promise<string> {
     stderr: "null",
   }).output();
   return new TextDecoder().decode(out.stdout);
+}
+
+/**
+ * This process's resident memory split by kind, bytes, from `/proc/<pid>/status`: `anon` (heaps,
+ * stacks, arenas: what a leak grows), `file` (mapped files, mostly the `deno` binary's pages
+ * touched so far) and `shmem` (shared mappings; V8 allocates the frame rings' SharedArrayBuffers
+ * as anonymous memory, so it reads 0 for the service).
+ */
+export async function rssParts(): Promise<{ anon: number; file: number; shmem: number }> {
+  const text = await readProc([`/proc/${Deno.pid}/status`]);
+  const kb = (key: string) => {
+    const m = new RegExp(`^${key}:\\s+(\\d+) kB`, "m").exec(text);
+    if (m === null) throw new Error(`No ${key} in /proc/${Deno.pid}/status`);
+    return Number(m[1]) * 1024;
+  };
+  return { anon: kb("RssAnon"), file: kb("RssFile"), shmem: kb("RssShmem") };
 }
 
 /** One `/proc/…/stat` line: id, name, and utime + stime in seconds. */
