@@ -307,6 +307,8 @@ export interface CpuRunReport {
   readonly outputSeconds: number;
   /** Microphone packets pushed in the window. */
   readonly inputPushed: number;
+  /** Packets pushed before the window but decoded in it (their decoding is counted). */
+  readonly inputBacklogAtOpen: number;
   /** Counter growth over the window as the input worker reported it (its snapshots lag). */
   readonly inputDecoded: number;
   readonly inputConcealed: number;
