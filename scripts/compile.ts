@@ -37,8 +37,27 @@ export type Target = keyof typeof TARGETS;
  *   1.20 and 1.41 CPU-s per audio minute against 1.52 and 1.59, input worker 0.82 and 1.06
  *   against 1.13 and 1.16, whole process 3.02 and 3.63 against 3.82 and 3.97. The cost is more
  *   TurboFan compilation in the first minute.
+ * - `--invocation-count-for-turbofan=1000`, `--invocation-count-for-osr=100`,
+ *   `--minimum-invocations-after-ic-update=50` (V8's defaults 3000, 500, 500): hot code reaches
+ *   TurboFan sooner. A function's tier-up budget is that count times its bytecode size, and a
+ *   worker's loop turns once per audio period, not thousands of times a second. With the
+ *   defaults, on the paced devices, V8 first optimised the output worker's capture loop 30 s
+ *   after start and the input worker's playout loop 75 s after (`--trace-opt`). Each microphone
+ *   start is a new worker, so a short microphone session ran in baseline code, whose FFI calls
+ *   take V8's slow path. With these flags: 11 s and 26 s. Whole process, per-thread CPU from
+ *   5 s to 45 s after start (both pipelines at ultra, RTP to itself), three alternating runs
+ *   each: 3.86, 4.07, 3.87 CPU-s per audio minute against 4.62, 4.91, 4.19 with the defaults.
+ *   A count of 300 saved a little more (3.63, 3.24, 3.96), but start-up went from 113–115 to
+ *   129–163 ms and RSS rose 2.4–4.6 MiB (`bench footprint`): more of the main thread's code got
+ *   optimised. At 1000: 125 ms, RSS within 0.5 MiB of the defaults'.
  */
-export const V8_FLAGS = ["--max-semi-space-size=1", "--no-maglev"];
+export const V8_FLAGS = [
+  "--max-semi-space-size=1",
+  "--no-maglev",
+  "--invocation-count-for-turbofan=1000",
+  "--invocation-count-for-osr=100",
+  "--minimum-invocations-after-ic-update=50",
+];
 
 /** Permissions and V8 flags baked into the executable: the same as `deno task start`. */
 export const RUNTIME_FLAGS = [
