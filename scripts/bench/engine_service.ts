@@ -69,7 +69,8 @@ async function until(what: string, done: () => boolean, timeoutMs: number, every
 /**
  * Pushes microphone packets flat out, as many as the input ring takes: tops its backlog up to
  * {@link FLAT_BACKLOG} packets, then yields to the event loop for a timer turn (≈ 1–2 ms, in which
- * the input worker plays a few dozen of them). Resolves when `count` packets were pushed.
+ * the input worker plays a few dozen of them). Resolves when `count` packets were pushed, or
+ * sooner once `stop()` holds; to the index of the next packet.
  */
 async function pushFlat(
   service: AudioService,
