@@ -5,6 +5,7 @@ import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
 import { useCaptureFile } from "./alsa_devices.ts";
 import { toneOutputService } from "./output_service.ts";
+import { until } from "./net_util.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {
@@ -217,9 +218,7 @@ Deno.test("output with nobody listening encodes nothing; a listener joining gets
   // The counters come in the worker's snapshots (every 50 ms), which can lag the shared sequence
   // word: under emulation by more than one snapshot.
   const captured = () => (counters()["kvm_audio_output_frames_captured_total"] ?? 0) as number;
-  while (captured() === 0 && Date.now() < deadline) {
-    await new Promise((r) => setTimeout(r, 20));
-  }
+  await until("frames counted as captured", () => captured() > 0);
   assert.ok(captured() > 0);
   assert.equal(counters()["kvm_audio_output_packets_encoded_total"], 0);
   assert.equal(service.outputBacklog, 0, "nothing published");
