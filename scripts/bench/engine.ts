@@ -495,8 +495,9 @@ async function figureCpu(
       `(${both.outputBacklogAtOpen} encoded before the window, ${both.outputDropped} dropped) in ` +
       `${both.outputSeconds.toFixed(2)} s; input pushed ` +
       `${both.inputPushed} (${both.inputBacklogAtOpen} more queued when the window opened), ` +
-      `decoded ${both.inputDecoded}, concealed ${both.inputConcealed}, ` +
-      `played ${both.inputPlayed}; output alone ${alone.cpuSeconds.toFixed(3)} CPU-s ` +
+      `since start ${both.inputPushedTotal} pushed, ${both.inputDecodedTotal} decoded, ` +
+      `${both.inputConcealedTotal} concealed, ${both.inputPlayedTotal} played; ` +
+      `output alone ${alone.cpuSeconds.toFixed(3)} CPU-s ` +
       `(${alone.outputFrames} frames, ${alone.outputBacklogAtOpen} encoded before the window, ` +
       `${alone.outputDropped} dropped)`,
   );

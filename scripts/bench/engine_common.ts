@@ -309,10 +309,18 @@ export interface CpuRunReport {
   readonly inputPushed: number;
   /** Packets pushed before the window but decoded in it (their decoding is counted). */
   readonly inputBacklogAtOpen: number;
-  /** Counter growth over the window as the input worker reported it (its snapshots lag). */
-  readonly inputDecoded: number;
-  readonly inputConcealed: number;
-  readonly inputPlayed: number;
+  /** Microphone packets pushed since the service started (warm-up included). */
+  readonly inputPushedTotal: number;
+  /**
+   * The input worker's counters since the service started, as its last snapshot before the
+   * window closed said. Totals, not growth over the window: the worker posts a snapshot every
+   * 250 ms, so a reading at the window's opening lags by up to that much (a few thousand packets
+   * when flat out), while at the close the worker has been idle since its last packet and the
+   * window closes only once its snapshot counts every pushed packet decoded.
+   */
+  readonly inputDecodedTotal: number;
+  readonly inputConcealedTotal: number;
+  readonly inputPlayedTotal: number;
   /**
    * CPU over the window by thread name (`main`, `worker-N` = a Web Worker's JS thread, `V8 …`,
    * `tokio …`), seconds; `exited` is what threads gone by the window's end used (the output

@@ -172,7 +172,6 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
     await opened.promise;
     const pushedBefore = pushed;
     const threads0 = await threadCpuSeconds();
-    const in0 = service.metrics.toJSON();
     let outputEnd = NaN;
     const outputEnded = () => {
       if (Number.isNaN(outputEnd) && service.outputStatus().supervisor?.lastExit === "ended") {
@@ -191,7 +190,6 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
     const cpu1 = processCpuSeconds();
     const t1 = performance.now();
     const in1 = service.metrics.toJSON();
-    const delta = (name: string) => counterTotal(in1, name) - counterTotal(in0, name);
 
     const threads: Record<string, number> = {};
     let alive = 0;
@@ -212,9 +210,10 @@ async function cpuRun(cfg: CpuRunConfig): Promise<CpuRunReport> {
       outputSeconds: (outputEnd - t0) / 1000,
       inputPushed: cfg.input ? windowPackets : 0,
       inputBacklogAtOpen: inputBacklog0,
-      inputDecoded: delta(DECODED),
-      inputConcealed: delta(CONCEALED),
-      inputPlayed: delta(PLAYED),
+      inputPushedTotal: pushed,
+      inputDecodedTotal: counterTotal(in1, DECODED),
+      inputConcealedTotal: counterTotal(in1, CONCEALED),
+      inputPlayedTotal: counterTotal(in1, PLAYED),
       threads,
     };
   } finally {
