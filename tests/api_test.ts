@@ -8,8 +8,7 @@ import { createApp } from "../routes/app.ts";
 import type { AppEnv } from "../routes/http.ts";
 import { useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { tempDir, tone } from "./audio_util.ts";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { sleep } from "./wait.ts";
 
 async function until(
   what: string,

@@ -22,6 +22,7 @@ import { createApp } from "../routes/app.ts";
 import { webRoutes } from "../routes/web.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { sleep } from "./wait.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const haveChromium = (() => {
@@ -97,8 +98,6 @@ function wav(samples: Int16Array, rate: number): Uint8Array {
   for (let i = 0; i < samples.length; i++) v.setInt16(44 + i * 2, samples[i]!, true);
   return bytes;
 }
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** What `window.kvmAudio.stats()` returns (the parts the test reads). */
 interface AudioSummary {

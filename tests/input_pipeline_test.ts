@@ -4,8 +4,7 @@ import { AudioService } from "../lib/service.ts";
 import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig } from "./alsa_devices.ts";
 import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { sleep } from "./wait.ts";
 
 function counter(json: ReturnType<AudioService["metrics"]["toJSON"]>, name: string): number {
   const v = json.counters[name];

@@ -90,6 +90,7 @@ import { writeRaw } from "../../tests/alsa_devices.ts";
 import { startPulse } from "../../tests/pulse.ts";
 import { benchSignal, procCpuSeconds, readPackets, writePackets } from "./engine_common.ts";
 import { type BenchResult, report, result } from "./report.ts";
+import { sleep } from "../../tests/wait.ts";
 
 /** Knobs of {@link benchE2e}. */
 export interface E2eOptions {
@@ -155,8 +156,6 @@ const CLIENT_FLAGS = ["--no-prompt", "--allow-net=127.0.0.1", "--allow-read"];
 function clickShift(k: number): number {
   return Math.floor(((k * 0.6180339887498949) % 1) * PERIOD);
 }
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
 
 function checkPositive(what: string, v: unknown, max: number): number {
   if (typeof v !== "number" || !Number.isFinite(v)) {

@@ -75,6 +75,7 @@ import {
 } from "./engine_common.ts";
 import { type BenchResult, report, result } from "./report.ts";
 import { compileC } from "./opus_codec.ts";
+import { sleep } from "../../tests/wait.ts";
 
 /** Knobs of {@link benchEngine}. */
 export interface EngineOptions {
@@ -134,8 +135,6 @@ const WARMUP_FRAMES = 12_000;
 /** Child runs per CPU figure; the median is reported. */
 const CPU_RUNS = 3;
 const FRAME_MS = ULTRA.frameMs;
-
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
 
 function checkPositive(what: string, v: unknown, max: number): number {
   if (typeof v !== "number" || !Number.isFinite(v)) {

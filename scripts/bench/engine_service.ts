@@ -25,6 +25,7 @@ import { RtpReceiver, RtpSender } from "../../lib/transport/rtp.ts";
 import { frameSamples, MICROPHONE_PRESETS, OUTPUT_PRESETS } from "../../lib/quality.ts";
 import { type AlsaConfig, useAlsaConfig, writeAlsaConfig } from "../../tests/alsa_devices.ts";
 import { tempDir } from "../../tests/audio_util.ts";
+import { sleep, until } from "../../tests/wait.ts";
 import {
   type ChildConfig,
   type ChildLine,
@@ -44,8 +45,6 @@ import {
   threadCpuSeconds,
 } from "./engine_common.ts";
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
-
 const DECODED = "kvm_audio_input_packets_decoded_total";
 const PLAYED = "kvm_audio_input_frames_played_total";
 const CONCEALED = "kvm_audio_input_frames_concealed_total";
@@ -53,17 +52,6 @@ const DROPPED = "kvm_audio_frames_dropped_total";
 
 function say(line: ChildLine): void {
   console.log(JSON.stringify(line));
-}
-
-/** Waits until `done()` holds, checking every `everyMs`; throws after `timeoutMs`. */
-async function until(what: string, done: () => boolean, timeoutMs: number, everyMs = 20) {
-  const end = performance.now() + timeoutMs;
-  while (!done()) {
-    if (performance.now() > end) {
-      throw new Error(`Timed out after ${timeoutMs} ms waiting for ${what}`);
-    }
-    await sleep(everyMs);
-  }
 }
 
 /**

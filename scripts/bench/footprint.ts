@@ -51,6 +51,7 @@ import { tempDir, tone } from "../../tests/audio_util.ts";
 import { type BenchResult, report, result } from "./report.ts";
 import { RUNTIME_FLAGS } from "../compile.ts";
 import { until, WsClient } from "../../tests/net_util.ts";
+import { sleep } from "../../tests/wait.ts";
 
 /** Knobs of {@link benchFootprint}. */
 export interface FootprintOptions {
@@ -78,7 +79,6 @@ const BASELINE_SOURCE = [
   "",
 ].join("\n");
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, Math.max(0, ms)));
 const median = (xs: readonly number[]) => {
   const s = [...xs].sort((a, b) => a - b);
   const m = Math.floor(s.length / 2);
