@@ -7,8 +7,11 @@
  * 1. **Codec floor.** The same frames — a 60 s stereo tone-plus-noise signal at the ultra output
  *    preset, and its left channel pre-encoded at the ultra microphone preset — through
  *    `opus_encode` and `opus_decode` (a stereo decoder, as the input worker uses) in one tight
- *    loop through `ffi/opus.ts` on one thread: the median of three timed passes after a warm-up
- *    pass, process CPU time. Against it, in a child process ({@link ./engine_service.ts}):
+ *    loop through `ffi/opus.ts` on one thread, process CPU time of one pass after a warm-up
+ *    pass; a pass is timed just before and just after each child run below, and each run is set
+ *    against the mean of its two (the machine's speed drifts between minutes; a floor timed once
+ *    at the start was up to a third off by the time of the last run). Against it, in a child
+ *    process ({@link ./engine_service.ts}):
  *    - both pipelines at ultra on *unpaced* file PCMs in one `AudioService` with `pace: "flat"`:
  *      the output pipeline capturing the signal flat out, the input pipeline playing the
  *      microphone packets one frame per packet as fast as `pushMicrophonePacket` feeds them (kept
@@ -20,7 +23,8 @@
  *      warm-up into the window, since an input worker left idle meets the window on paths new
  *      to it and V8 drops its optimised loop (`--trace-deopt`); frames the output worker had
  *      encoded ahead of the window are taken out of the floor, packets queued for the input
- *      worker then are added to it; the median of three runs;
+ *      worker then are added to it; of three runs, the one whose ratio to its floor is the
+ *      median;
  *    - the output pipeline alone, unpaced, against the encode part of the floor.
  * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
  *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
@@ -156,8 +160,12 @@ interface Floor {
   readonly decode: number;
 }
 
-/** Encodes `signal` at ultra and decodes `packets` in one loop each; CPU seconds per pass. */
-function codecFloor(signal: Int16Array, packets: readonly Uint8Array[], passes = 3): Floor {
+/**
+ * The codec floor's two loops, compiled by a warm-up pass of each: encodes `signal` at ultra and
+ * decodes `packets`, one loop each. Each call of the returned function times one pass of both
+ * (process CPU seconds).
+ */
+function codecFloor(signal: Int16Array, packets: readonly Uint8Array[]): () => Floor {
   const fs = frameSamples(ULTRA);
   const frames = Math.floor(signal.length / 2 / fs);
   const inputs = Array.from(
@@ -184,13 +192,7 @@ function codecFloor(signal: Int16Array, packets: readonly Uint8Array[], passes =
   // Warm-up: the JIT compiles both loops before any pass counts.
   encodePass(Math.min(frames, WARMUP_FRAMES));
   decodePass(Math.min(packets.length, WARMUP_FRAMES));
-  const enc: number[] = [], dec: number[] = [];
-  for (let p = 0; p < passes; p++) {
-    enc.push(encodePass(frames));
-    dec.push(decodePass(packets.length));
-  }
-  const median = (xs: number[]) => xs.sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-  return { encode: median(enc), decode: median(dec) };
+  return () => ({ encode: encodePass(frames), decode: decodePass(packets.length) });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -447,49 +449,67 @@ async function figureCpu(
   await writePackets(packetFile, packets);
 
   log("engine: codec floor (encode + decode in one loop)…");
-  const floor = codecFloor(signal, packets);
+  const floorPass = codecFloor(signal, packets);
   const perMin = (cpu: number) => (cpu / seconds) * 60;
+  const frames = (seconds * 1000) / FRAME_MS;
+  // The floor for what a window held: frames encoded before it opened (still queued for the
+  // listener then) are taken out of the encode part; packets pushed before it opened (queued for
+  // the input worker then) are decoded in it.
+  const encodeFloor = (floor: Floor, r: CpuRunReport) =>
+    (floor.encode * (frames - r.outputBacklogAtOpen)) / frames;
+  const decodeFloor = (floor: Floor, r: CpuRunReport) =>
+    (floor.decode * (packets.length + r.inputBacklogAtOpen)) / packets.length;
 
-  // Each pipeline figure is the median of RUNS child processes, as the floor is the median of
-  // its passes: one run on this shared 2-vCPU machine varies by ±15 %.
-  const median = async (input: boolean): Promise<CpuRunReport> => {
-    const runs: CpuRunReport[] = [];
+  // Each pipeline figure is the median of CPU_RUNS child processes: one run on this shared 2-vCPU
+  // machine varies by ±15 %, and so does the floor from one minute to the next (its encode pass
+  // read 0.50 and 0.68 CPU-s ten minutes apart). So every run is set against its own floor, the
+  // mean of the floor passes timed just before and just after it, and the run with the median
+  // ratio is reported.
+  interface Paired {
+    readonly run: CpuRunReport;
+    readonly floor: number;
+  }
+  const median = async (input: boolean): Promise<Paired> => {
+    const floors: Floor[] = [floorPass()];
+    const paired: Paired[] = [];
     for (let i = 0; i < CPU_RUNS; i++) {
-      runs.push(
-        await childReport<CpuRunReport>({
-          mode: "cpu",
-          capture,
-          packets: packetFile,
-          seconds,
-          warmupFrames: WARMUP_FRAMES,
-          input,
-        }),
-      );
+      const run = await childReport<CpuRunReport>({
+        mode: "cpu",
+        capture,
+        packets: packetFile,
+        seconds,
+        warmupFrames: WARMUP_FRAMES,
+        input,
+      });
+      floors.push(floorPass());
+      const [a, b] = [floors[i]!, floors[i + 1]!];
+      const floor = { encode: (a.encode + b.encode) / 2, decode: (a.decode + b.decode) / 2 };
+      paired.push({
+        run,
+        floor: encodeFloor(floor, run) + (input ? decodeFloor(floor, run) : 0),
+      });
     }
     log(
-      `engine: ${input ? "both pipelines" : "output alone"}, ${CPU_RUNS} runs: ${
-        runs.map((r) => r.cpuSeconds.toFixed(3)).join(", ")
-      } CPU-s`,
+      `engine: ${input ? "both pipelines" : "output alone"}, ${CPU_RUNS} runs (CPU-s, ` +
+        `floor beside each): ${
+          paired.map((p) => `${p.run.cpuSeconds.toFixed(3)} / ${p.floor.toFixed(3)}`).join(", ")
+        }; floor passes (encode + decode): ${
+          floors.map((f) => `${f.encode.toFixed(3)} + ${f.decode.toFixed(3)}`).join(", ")
+        }`,
     );
-    return runs.sort((a, b) => a.cpuSeconds - b.cpuSeconds)[Math.floor(CPU_RUNS / 2)]!;
+    const ratio = (p: Paired) => p.run.cpuSeconds / p.floor;
+    return paired.sort((x, y) => ratio(x) - ratio(y))[Math.floor(CPU_RUNS / 2)]!;
   };
   log(`engine: both pipelines, ${seconds} s of audio each…`);
-  const both = await median(true);
+  const { run: both, floor: bothFloor } = await median(true);
   log("engine: output pipeline alone, unpaced…");
-  const alone = await median(false);
-  const frames = (seconds * 1000) / FRAME_MS;
-  // The floor for what the window held: frames encoded before it opened (still queued for the
-  // listener then) are taken out of the encode part.
-  const encodeFloor = (r: CpuRunReport) =>
-    (floor.encode * (frames - r.outputBacklogAtOpen)) / frames;
-  // Packets pushed before it opened (queued for the input worker then) are decoded in it.
-  const decodeFloor = (r: CpuRunReport) =>
-    (floor.decode * (packets.length + r.inputBacklogAtOpen)) / packets.length;
+  const { run: alone, floor: aloneFloor } = await median(false);
   const threads = Object.entries(both.threads).filter(([, v]) => v > 0)
     .map(([k, v]) => `${k} ${v.toFixed(2)}`).join(", ");
   log(
-    `engine: floor encode ${floor.encode.toFixed(3)} + decode ${floor.decode.toFixed(3)} CPU-s; ` +
-      `both pipelines ${both.cpuSeconds.toFixed(3)} CPU-s over ${both.wallSeconds.toFixed(1)} s ` +
+    `engine: median runs: both pipelines ${both.cpuSeconds.toFixed(3)} CPU-s over ${
+      both.wallSeconds.toFixed(1)
+    } s ` +
       `(threads: ${threads}); output handed ${both.outputFrames}/${frames} frames ` +
       `(${both.outputBacklogAtOpen} encoded before the window, ${both.outputDropped} dropped) in ` +
       `${both.outputSeconds.toFixed(2)} s; input pushed ` +
@@ -505,14 +525,14 @@ async function figureCpu(
       `engine CPU/audio-min, both pipelines ultra (unpaced, flat out) vs codec floor`,
       perMin(both.cpuSeconds),
       "CPU-s/audio-min",
-      perMin(encodeFloor(both) + decodeFloor(both)),
+      perMin(bothFloor),
       "ratio <= 1.15",
     ),
     result(
       `engine CPU/audio-min, output pipeline ultra alone (unpaced) vs encode floor`,
       perMin(alone.cpuSeconds),
       "CPU-s/audio-min",
-      perMin(encodeFloor(alone)),
+      perMin(aloneFloor),
       "ratio <= 1.15",
     ),
   ];
