@@ -467,6 +467,7 @@ async function figureCpu(
   // ratio is reported.
   interface Paired {
     readonly run: CpuRunReport;
+    /** The floor for what this run's window held, CPU seconds (from the passes beside it). */
     readonly floor: number;
   }
   const median = async (input: boolean): Promise<Paired> => {
