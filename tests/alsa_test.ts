@@ -14,6 +14,7 @@ import {
 } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 import { startPulse } from "./pulse.ts";
+import { sleep } from "./wait.ts";
 
 const RATE = 48000;
 const EBADFD = 77;
@@ -51,8 +52,6 @@ function readAll(pcm: Pcm, into: Int16Array, chunkFrames = 555): void {
     if (got === 0) pcm.wait(100);
   }
 }
-
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
 Deno.test("alsaVersion reports the loaded libasound", () => {
   assert.match(alsaVersion(), /^\d+\.\d+\.\d+/);

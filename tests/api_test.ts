@@ -8,19 +8,7 @@ import { createApp } from "../routes/app.ts";
 import type { AppEnv } from "../routes/http.ts";
 import { useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { tempDir, tone } from "./audio_util.ts";
-import { sleep } from "./wait.ts";
-
-async function until(
-  what: string,
-  cond: () => boolean | Promise<boolean>,
-  timeoutMs = 20_000,
-): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
+import { until } from "./wait.ts";
 
 type App = Hono<AppEnv>;
 

@@ -9,10 +9,9 @@ import assert from "node:assert/strict";
 import { OpusDecoder } from "../ffi/opus.ts";
 import { writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, tempDir, tone } from "./audio_util.ts";
+import { sleep } from "./wait.ts";
 
 const repo = new URL("..", import.meta.url).pathname;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
 function freePort(): number {
   const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (l.addr as Deno.NetAddr).port;

@@ -5,8 +5,7 @@ import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/qualit
 import { readRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 import { startPulse } from "./pulse.ts";
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+import { sleep } from "./wait.ts";
 
 interface HistogramJson {
   count: number;

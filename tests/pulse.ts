@@ -25,6 +25,7 @@ import {
   useAlsaConfig,
   writeAlsaConfig,
 } from "./alsa_devices.ts";
+import { sleep } from "./wait.ts";
 
 /** The PCM names defined by {@link startPulse}. */
 export const PULSE_PCMS = {
@@ -80,10 +81,6 @@ export interface PulseServer extends AsyncDisposable {
 const SOCKET_PATH_MAX = 107; // sizeof(sun_path) - 1
 const READY_TIMEOUT_MS = 10_000;
 const STOP_TIMEOUT_MS = 5_000;
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
 
 async function pactlReady(server: string): Promise<boolean> {
   const out = await new Deno.Command("pactl", {
@@ -192,7 +189,7 @@ export async function startPulse(opts: PulseOptions = {}): Promise<PulseServer> 
       } catch {
         // Already gone.
       }
-      const timer = delay(STOP_TIMEOUT_MS).then(() => "timeout" as const);
+      const timer = sleep(STOP_TIMEOUT_MS).then(() => "timeout" as const);
       if ((await Promise.race([status, timer])) === "timeout" && !exited) {
         child.kill("SIGKILL");
       }
@@ -217,7 +214,7 @@ export async function startPulse(opts: PulseOptions = {}): Promise<PulseServer> 
             `${READY_TIMEOUT_MS} ms; log:\n${await logTail(log)}`,
         );
       }
-      await delay(50);
+      await sleep(50);
     }
     const alsa = await writeAlsaConfig(
       dir,

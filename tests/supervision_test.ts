@@ -6,16 +6,10 @@ import { AudioService } from "../lib/service.ts";
 import { SELF_CONTAINED_ALSA, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { killStreams, startPulse } from "./pulse.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { sleep, until as waitUntil } from "./wait.ts";
 
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(what: string, cond: () => boolean, ms = 8000): Promise<void> {
-  const end = Date.now() + ms;
-  while (!cond()) {
-    if (Date.now() > end) throw new Error(`Timed out waiting for ${what}`);
-    await sleep(20);
-  }
-}
+/** {@link waitUntil} for 8 s unless told. */
+const until = (what: string, cond: () => boolean, ms = 8000) => waitUntil(what, cond, ms);
 
 /** Open descriptors of this process that point into `dir` (the virtual device's files). */
 async function deviceFds(dir: string): Promise<number> {

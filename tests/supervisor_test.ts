@@ -11,6 +11,7 @@ import {
   WORKER_STATE,
 } from "../lib/supervisor.ts";
 import { FAULT, type StopStyle, type SupervisedInit, WORD } from "./fixtures/supervisor_worker.ts";
+import { sleep } from "./wait.ts";
 
 const WORKER_URL = new URL("./fixtures/supervisor_worker.ts", import.meta.url).href;
 
@@ -111,10 +112,6 @@ function supervise(
   });
   rec.attach(sup);
   return { sup, rec };
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 Deno.test("Supervisor rejects invalid options", () => {

@@ -28,6 +28,7 @@
 import { epochMs, FrameRing } from "../../lib/frame_ring.ts";
 import { type BenchResult, report, result } from "./report.ts";
 import { compileC } from "./opus_codec.ts";
+import { sleep as pause } from "../../tests/wait.ts";
 import type { HopMessage, HopRequest } from "./ring_hop_worker.ts";
 
 /** Knobs of {@link benchRingHop}. */
@@ -67,10 +68,6 @@ const sleeper = new Int32Array(new SharedArrayBuffer(4));
 
 function sleep(ms: number): void {
   if (ms > 0) Atomics.wait(sleeper, 0, 0, ms);
-}
-
-function pause(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 function startWorker(): Worker {
