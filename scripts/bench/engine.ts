@@ -25,7 +25,8 @@
  *      encoded ahead of the window are taken out of the floor, packets queued for the input
  *      worker then are added to it; of three runs, the one whose ratio to its floor is the
  *      median;
- *    - the output pipeline alone, unpaced, against the encode part of the floor.
+ *    - the output pipeline alone, unpaced, against the encode part of the floor (its runs time
+ *      only the encode pass beside them).
  * 2. **Against GStreamer** on paced virtual devices (a private PulseAudio: its tone source and its
  *    null sink): our service in a child process — capture, Opus at ultra, RTP over 127.0.0.1 by
  *    `RtpSender` (sent by the output worker) back into its own `RtpReceiver` (read by the input
@@ -68,9 +69,12 @@ import {
   type ChildConfig,
   type ChildLine,
   type CpuRunReport,
+  type FloorPass,
   intervalQuantiles,
   microphonePackets,
   type PacedRunReport,
+  type PairedRun,
+  pairRuns,
   procCpuSeconds,
   processCpuSeconds,
   type SoakRunReport,
@@ -153,19 +157,15 @@ function checkPositive(what: string, v: unknown, max: number): number {
 // ---------------------------------------------------------------------------------------------
 // Figure 1's floor.
 
-interface Floor {
-  /** CPU seconds of encoding every frame (median of the passes). */
-  readonly encode: number;
-  /** CPU seconds of decoding every packet. */
-  readonly decode: number;
-}
-
 /**
  * The codec floor's two loops, compiled by a warm-up pass of each: encodes `signal` at ultra and
- * decodes `packets`, one loop each. Each call of the returned function times one pass of both
- * (process CPU seconds).
+ * decodes `packets` with a stereo decoder. Returns one timed pass, the decode part only when
+ * `decode` (the output-alone runs need only the encode part).
  */
-function codecFloor(signal: Int16Array, packets: readonly Uint8Array[]): () => Floor {
+function codecFloor(
+  signal: Int16Array,
+  packets: readonly Uint8Array[],
+): (decode: boolean) => FloorPass {
   const fs = frameSamples(ULTRA);
   const frames = Math.floor(signal.length / 2 / fs);
   const inputs = Array.from(
@@ -192,7 +192,10 @@ function codecFloor(signal: Int16Array, packets: readonly Uint8Array[]): () => F
   // Warm-up: the JIT compiles both loops before any pass counts.
   encodePass(Math.min(frames, WARMUP_FRAMES));
   decodePass(Math.min(packets.length, WARMUP_FRAMES));
-  return () => ({ encode: encodePass(frames), decode: decodePass(packets.length) });
+  return (decode) => ({
+    encode: encodePass(frames),
+    decode: decode ? decodePass(packets.length) : 0,
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -455,51 +458,47 @@ async function figureCpu(
   // The floor for what a window held: frames encoded before it opened (still queued for the
   // listener then) are taken out of the encode part; packets pushed before it opened (queued for
   // the input worker then) are decoded in it.
-  const encodeFloor = (floor: Floor, r: CpuRunReport) =>
+  const encodeFloor = (floor: FloorPass, r: CpuRunReport) =>
     (floor.encode * (frames - r.outputBacklogAtOpen)) / frames;
-  const decodeFloor = (floor: Floor, r: CpuRunReport) =>
+  const decodeFloor = (floor: FloorPass, r: CpuRunReport) =>
     (floor.decode * (packets.length + r.inputBacklogAtOpen)) / packets.length;
 
   // Each pipeline figure is the median of CPU_RUNS child processes: one run on this shared 2-vCPU
   // machine varies by ±15 %, and so does the floor from one minute to the next (its encode pass
   // read 0.50 and 0.68 CPU-s ten minutes apart). So every run is set against its own floor, the
-  // mean of the floor passes timed just before and just after it, and the run with the median
-  // ratio is reported.
-  interface Paired {
-    readonly run: CpuRunReport;
-    /** The floor for what this run's window held, CPU seconds (from the passes beside it). */
-    readonly floor: number;
-  }
-  const median = async (input: boolean): Promise<Paired> => {
-    const floors: Floor[] = [floorPass()];
-    const paired: Paired[] = [];
+  // mean of the floor passes timed just before and just after it (pairRuns), and the run with
+  // the median ratio is reported.
+  const median = async (input: boolean): Promise<PairedRun<CpuRunReport>> => {
+    const passes: FloorPass[] = [floorPass(input)];
+    const runs: CpuRunReport[] = [];
     for (let i = 0; i < CPU_RUNS; i++) {
-      const run = await childReport<CpuRunReport>({
-        mode: "cpu",
-        capture,
-        packets: packetFile,
-        seconds,
-        warmupFrames: WARMUP_FRAMES,
-        input,
-      });
-      floors.push(floorPass());
-      const [a, b] = [floors[i]!, floors[i + 1]!];
-      const floor = { encode: (a.encode + b.encode) / 2, decode: (a.decode + b.decode) / 2 };
-      paired.push({
-        run,
-        floor: encodeFloor(floor, run) + (input ? decodeFloor(floor, run) : 0),
-      });
+      runs.push(
+        await childReport<CpuRunReport>({
+          mode: "cpu",
+          capture,
+          packets: packetFile,
+          seconds,
+          warmupFrames: WARMUP_FRAMES,
+          input,
+        }),
+      );
+      passes.push(floorPass(input));
     }
+    const { paired, median } = pairRuns(
+      runs,
+      passes,
+      (r) => r.cpuSeconds,
+      (floor, r) => encodeFloor(floor, r) + (input ? decodeFloor(floor, r) : 0),
+    );
+    const pass = (f: FloorPass) =>
+      input ? `${f.encode.toFixed(3)} + ${f.decode.toFixed(3)}` : f.encode.toFixed(3);
     log(
       `engine: ${input ? "both pipelines" : "output alone"}, ${CPU_RUNS} runs (CPU-s, ` +
         `floor beside each): ${
           paired.map((p) => `${p.run.cpuSeconds.toFixed(3)} / ${p.floor.toFixed(3)}`).join(", ")
-        }; floor passes (encode + decode): ${
-          floors.map((f) => `${f.encode.toFixed(3)} + ${f.decode.toFixed(3)}`).join(", ")
-        }`,
+        }; floor passes (${input ? "encode + decode" : "encode"}): ${passes.map(pass).join(", ")}`,
     );
-    const ratio = (p: Paired) => p.run.cpuSeconds / p.floor;
-    return paired.sort((x, y) => ratio(x) - ratio(y))[Math.floor(CPU_RUNS / 2)]!;
+    return median;
   };
   log(`engine: both pipelines, ${seconds} s of audio each…`);
   const { run: both, floor: bothFloor } = await median(true);

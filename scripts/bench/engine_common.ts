@@ -157,7 +157,10 @@ export async function rssParts(): Promise<{ anon: number; file: number; shmem: n
 }
 
 /** One `/proc/…/stat` line: id, name, and utime + stime in seconds. */
-function parseStat(line: string, hz: number): { id: number; name: string; cpu: number } | null {
+export function parseStat(
+  line: string,
+  hz: number,
+): { id: number; name: string; cpu: number } | null {
   const m = /^(\d+) \((.*)\) (.*)$/s.exec(line.trim());
   if (m === null) return null;
   // m[3] starts at field 3 (state); utime and stime are fields 14 and 15.
@@ -202,6 +205,56 @@ export async function threadCpuSeconds(): Promise<Map<number, { name: string; cp
     if (s !== null) out.set(s.id, { name: s.name, cpu: s.cpu });
   }
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runs against a drifting floor.
+
+/** CPU seconds of one pass of the codec floor's loops. */
+export interface FloorPass {
+  /** Encoding every frame of the signal. */
+  readonly encode: number;
+  /** Decoding every microphone packet; 0 when the pass did not time it. */
+  readonly decode: number;
+}
+
+/** A run set against the floor timed beside it. */
+export interface PairedRun<R> {
+  readonly run: R;
+  /** The floor for what this run's window held, CPU seconds. */
+  readonly floor: number;
+  /** The run's CPU seconds ÷ {@link PairedRun.floor}. */
+  readonly ratio: number;
+}
+
+/**
+ * Sets each run against its own floor (the machine's speed drifts between minutes): run `i` was
+ * timed between floor passes `i` and `i + 1`, so its floor is the mean of those two, scaled by
+ * `floorFor` to what the run's window held. Returns every pair in run order, and the pair whose
+ * ratio is the median (of an even count, the upper of the middle two).
+ */
+export function pairRuns<R>(
+  runs: readonly R[],
+  passes: readonly FloorPass[],
+  cpu: (run: R) => number,
+  floorFor: (pass: FloorPass, run: R) => number,
+): { paired: PairedRun<R>[]; median: PairedRun<R> } {
+  if (runs.length === 0) throw new RangeError("No runs to set against the floor");
+  if (passes.length !== runs.length + 1) {
+    throw new RangeError(
+      `${runs.length} runs need ${runs.length + 1} floor passes around them, got ${passes.length}`,
+    );
+  }
+  const paired = runs.map((run, i) => {
+    const a = passes[i]!, b = passes[i + 1]!;
+    const floor = floorFor(
+      { encode: (a.encode + b.encode) / 2, decode: (a.decode + b.decode) / 2 },
+      run,
+    );
+    return { run, floor, ratio: cpu(run) / floor };
+  });
+  const sorted = [...paired].sort((x, y) => x.ratio - y.ratio);
+  return { paired, median: sorted[Math.floor(sorted.length / 2)]! };
 }
 
 // ---------------------------------------------------------------------------------------------
