@@ -306,8 +306,11 @@ export class AudioService implements AsyncDisposable {
           ? getPreset("microphone", options.microphonePreset).name
           : "high"),
       muted: saved?.muted ?? false,
-      outputRunning: saved?.outputRunning ?? options.capture !== null,
-      microphoneRunning: saved?.microphoneRunning ?? options.playback !== null,
+      // Whether the operator wants a pipeline running: yes unless one stopped it. A pipeline
+      // disabled by a flag keeps this (from the file, or true) without running, so the file still
+      // says what the operator chose once the flag goes; start() starts only enabled pipelines.
+      outputRunning: saved?.outputRunning ?? true,
+      microphoneRunning: saved?.microphoneRunning ?? true,
     };
     if (saved) {
       // The saved choices win over the flags: say so, or a pipeline an operator stopped last
@@ -387,10 +390,10 @@ export class AudioService implements AsyncDisposable {
     this.#writeControlWords();
   }
 
-  /** Starts the pipelines the control state says should run. */
+  /** Starts the enabled pipelines the control state says should run. */
   start(): void {
-    if (this.#state.outputRunning) this.startOutput();
-    if (this.#state.microphoneRunning) this.startMicrophone();
+    if (this.#output && this.#state.outputRunning) this.startOutput();
+    if (this.#input && this.#state.microphoneRunning) this.startMicrophone();
   }
 
   // -------------------------------------------------------------------------------------------
@@ -446,15 +449,18 @@ export class AudioService implements AsyncDisposable {
     return { ...this.#state };
   }
 
-  /** Starts (or resumes) the output pipeline. */
+  /**
+   * Starts (or resumes) the output pipeline. A start is the operator trying again: past crashes
+   * are forgotten (an open crash-loop breaker closes; after a stop, the next crash does not reopen
+   * it at once).
+   */
   startOutput(): void {
     const p = this.#require(this.#output, "output");
     p.wanted = true;
     this.#state.outputRunning = true;
     this.#save();
-    // An explicit start is the operator closing an open crash-loop breaker.
-    if (p.supervisor.state === "broken") p.supervisor.resetBreaker();
-    else p.supervisor.start();
+    p.supervisor.resetBreaker();
+    p.supervisor.start();
     this.#startPump();
     this.#changed();
   }
@@ -474,14 +480,14 @@ export class AudioService implements AsyncDisposable {
     await pollUntil(() => !this.#pumping || p.ring.available === 0, 1000);
   }
 
-  /** Starts the microphone (input) pipeline. */
+  /** Starts the microphone (input) pipeline; past crashes are forgotten, as for the output. */
   startMicrophone(): void {
     const p = this.#require(this.#input, "microphone");
     p.wanted = true;
     this.#state.microphoneRunning = true;
     this.#save();
-    if (p.supervisor.state === "broken") p.supervisor.resetBreaker();
-    else p.supervisor.start();
+    p.supervisor.resetBreaker();
+    p.supervisor.start();
     this.#changed();
   }
 

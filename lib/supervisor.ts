@@ -46,8 +46,9 @@
  * supervisor terminates the incarnation and starts the next one after a backoff delay
  * (`initialMs × factor^n`, at most `maxMs`; `n` goes back to 0 after an incarnation that ran for
  * `resetAfterMs`). When `maxCrashes` crashes fall within `windowMs` the breaker opens: the state
- * becomes `broken` and nothing restarts until {@link Supervisor.resetBreaker} (or an explicit
- * stop and start).
+ * becomes `broken` and nothing restarts until {@link Supervisor.resetBreaker} (the service calls
+ * it on every start an operator asks for). A {@link Supervisor.stop} also leaves `broken`, but
+ * keeps the crashes in the window.
  *
  * `Worker.terminate()` cannot interrupt a thread inside a C call; the pipelines keep every FFI call
  * bounded, so a terminate takes effect within about 100 ms.

@@ -140,12 +140,11 @@ export function pipelineRoutes(p: PipelineRoutes): RouteSpec[] {
       path: `${base}/start`,
       operationId: `start${name}`,
       summary: p.startSummary,
-      description: "When the crash-loop breaker is open, the pipeline is stopped first (which " +
-        "closes the breaker) and started again. 409 when the pipeline is disabled.",
+      description: "Past crashes are forgotten: an open crash-loop breaker closes and the " +
+        "pipeline starts again. 409 when the pipeline is disabled.",
       ...common,
       responses: { 200: json(p.statusSchema, "Status after the start"), 409: disabled },
       handlers: [enabled, (c) => {
-        // A supervisor ignores a start while its breaker is open; a stop closes the breaker.
         p.start();
         return c.json(p.status());
       }],

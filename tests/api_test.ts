@@ -227,6 +227,15 @@ Deno.test("bad input: 400 naming the field and the allowed values", async () => 
   assert.equal(r.json!.field, "bitrate");
   assert.deepEqual(r.json!.allowed, ["preset"]);
 
+  // Names that every object inherits are unknown fields too.
+  for (const key of ["constructor", "toString", "__proto__"]) {
+    r = await call(app, "PUT", "/api/audio/quality", { raw: `{"preset":"low","${key}":1}` });
+    assert.equal(r.status, 400, key);
+    assert.equal(r.json!.field, key);
+  }
+  r = await call(app, "PUT", "/api/audio/quality", { raw: '{"__proto__":{"preset":"low"}}' });
+  assert.equal(r.status, 400, "an inherited preset is not a preset");
+
   r = await call(app, "PUT", "/api/audio/quality", { body: ["low"] });
   assert.equal(r.status, 400);
   assert.equal(r.json!.field, "body");
@@ -475,15 +484,18 @@ Deno.test("health: 200 and ok, then degraded when a wanted pipeline's breaker op
   h = await call(app, "GET", "/healthz");
   assert.equal(h.json!.status, "ok");
   const control = s.service.controlBlock("output")!;
-  for (let crash = 1; crash <= 2; crash++) {
-    await until("a running worker", () => s.service.outputStatus().state === "running");
-    Atomics.store(control, CONTROL.fault, FAULT.throw);
-    await until(
-      `crash ${crash}`,
-      () => (s.service.outputStatus().supervisor?.crashes ?? 0) >= crash,
-    );
-  }
-  await until("the breaker", () => s.service.outputStatus().state === "broken");
+  const crashUntilBroken = async () => {
+    for (let crash = 1; crash <= 2; crash++) {
+      await until("a running worker", () => s.service.outputStatus().state === "running");
+      Atomics.store(control, CONTROL.fault, FAULT.throw);
+      await until(
+        `crash ${crash}`,
+        () => (s.service.outputStatus().supervisor?.crashes ?? 0) >= crash,
+      );
+    }
+    await until("the breaker", () => s.service.outputStatus().state === "broken");
+  };
+  await crashUntilBroken();
   h = await call(app, "GET", "/healthz");
   assert.equal(h.status, 200, "liveness: the API is up");
   assert.equal(h.json!.status, "degraded");
@@ -502,6 +514,22 @@ Deno.test("health: 200 and ok, then degraded when a wanted pipeline's breaker op
   assert.ok(restarts >= 2, `restarts ${restarts}`);
   const prom = (await call(app, "GET", "/metrics")).text;
   assert.match(prom, /kvm_audio_pipeline_restarts_total\{pipeline="output"\} [1-9]/);
+
+  // A stop and then a start forget the crashes as well: one more crash is restarted from, it
+  // does not reopen the breaker at once.
+  await crashUntilBroken();
+  assert.equal((await call(app, "POST", "/api/audio/stop")).status, 200);
+  assert.equal(s.service.outputStatus().state, "stopped");
+  assert.equal((await call(app, "POST", "/api/audio/start")).status, 200);
+  await until("running after stop and start", () => s.service.outputStatus().state === "running");
+  assert.equal(s.service.outputStatus().supervisor?.crashes, 0);
+  const before = s.service.outputStatus().supervisor!.restarts;
+  Atomics.store(control, CONTROL.fault, FAULT.throw);
+  await until("restarted after one crash", () => {
+    const st = s.service.outputStatus();
+    return st.supervisor!.restarts > before && st.state === "running";
+  });
+  assert.equal(s.service.outputStatus().supervisor?.breakerOpen, false);
 });
 
 Deno.test("health: a missing device makes it degraded", async () => {

@@ -3,6 +3,7 @@ import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { OpusDecoder } from "../ffi/opus.ts";
 import { CONTROL, FAULT } from "../lib/pipeline/messages.ts";
 import { AudioService } from "../lib/service.ts";
+import { readControlState, writeControlState } from "../lib/state_file.ts";
 import { SELF_CONTAINED_ALSA, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { killStreams, startPulse } from "./pulse.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
@@ -200,14 +201,18 @@ Deno.test("control state is saved atomically and restored by a new service", asy
   await Deno.mkdir(`${dir.path}/{x}`);
   const stateFile = `${dir.path}/{x}/state.json`;
   {
-    await using a = new AudioService({ capture: null, playback: null, stateFile });
+    // The output is stopped by the operator; the microphone is disabled by a flag.
+    await using a = new AudioService({ capture: "kvm_never_opened", playback: null, stateFile });
     assert.throws(() => a.setOutputPreset("loud"), RangeError);
     a.setOutputPreset("ultra");
     a.setMicrophonePreset("low");
     a.setMuted(true);
+    await a.stopOutput();
   }
   const saved = JSON.parse(await Deno.readTextFile(stateFile));
   assert.equal(saved.outputPreset, "ultra");
+  assert.equal(saved.outputRunning, false);
+  assert.equal(saved.microphoneRunning, true, "a disabled pipeline was not stopped by anyone");
   const records: LogRecord[] = [];
   await configure({
     sinks: { memory: (r: LogRecord) => records.push(r) },
@@ -240,6 +245,36 @@ Deno.test("control state is saved atomically and restored by a new service", asy
   await Deno.writeTextFile(stateFile, "{not json");
   await using c = new AudioService({ capture: null, playback: null, stateFile });
   assert.equal(c.outputPreset.name, "high", "a corrupt file falls back to the flags");
+  // A directory where the file should be: reported, and the service starts from its flags.
+  const warnings: string[] = [];
+  assert.equal(readControlState(dir.path, (m) => warnings.push(m)), null);
+  assert.match(warnings[0] ?? "", /Cannot read state file ".*": .*[Dd]irectory/);
+});
+
+Deno.test("a pipeline disabled by a flag keeps its saved choice and is not started", async () => {
+  await using dir = await tempDir();
+  const stateFile = `${dir.path}/state.json`;
+  writeControlState(stateFile, {
+    outputPreset: "high",
+    microphonePreset: "high",
+    muted: false,
+    outputRunning: true,
+    microphoneRunning: false,
+  });
+  {
+    // Both disabled (--no-output --no-mic): start() starts nothing and does not throw; a change
+    // saved meanwhile keeps what the file said of the pipelines.
+    await using a = new AudioService({ capture: null, playback: null, stateFile });
+    a.start();
+    assert.equal(a.outputStatus().enabled, false);
+    a.setMicrophonePreset("low");
+  }
+  const saved = readControlState(stateFile, (m) => assert.fail(m))!;
+  assert.equal(saved.microphonePreset, "low");
+  assert.equal(saved.outputRunning, true, "the output runs again once enabled");
+  assert.equal(saved.microphoneRunning, false, "the operator's stop stands");
+  await using b = new AudioService({ capture: "kvm_never_opened", playback: null, stateFile });
+  assert.equal(b.controlState.outputRunning, true);
 });
 
 Deno.test({
