@@ -8,6 +8,7 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import { configureSync, getConsoleSink, getLogger } from "@logtape/logtape";
 import { ConfigError, helpText, parseConfig } from "./lib/config.ts";
 import { AudioService } from "./lib/service.ts";
@@ -52,8 +53,14 @@ export async function main(args: readonly string[]): Promise<number> {
   }
 
   if (config.stateFile) {
-    const dir = config.stateFile.replace(/\/[^/]*$/, "");
-    if (dir) Deno.mkdirSync(dir, { recursive: true });
+    try {
+      Deno.mkdirSync(dirname(config.stateFile), { recursive: true });
+    } catch (e) {
+      // The service still runs; readControlState and every save report the file's problem.
+      log.warn("Cannot create the state file's directory: {error}", {
+        error: (e as Error).message,
+      });
+    }
   }
   const service = new AudioService({
     capture: config.capture,
@@ -69,28 +76,46 @@ export async function main(args: readonly string[]): Promise<number> {
   });
   service.start();
 
-  const sender = config.rtpOut.length === 0 ? null : await RtpSender.open(service, {
-    destinations: config.rtpOut,
-    payloadType: config.rtpPayloadType,
-  });
-  const receiver = config.rtpIn === null ? null : await RtpReceiver.listen(service, {
-    port: config.rtpIn,
-    host: config.listen.hostname,
-    payloadType: config.rtpPayloadType,
-  });
-
+  // Opening a socket can fail (a port in use, an address not on this machine): one line saying
+  // which, everything opened so far closed, exit status 1 — not a stack trace.
+  let sender: RtpSender | null = null, receiver: RtpReceiver | null = null;
   const ac = new AbortController();
-  const app = createApp(service, {
-    signal: ac.signal,
-    ...(config.token ? { token: config.token } : {}),
-    ...(sender ? { rtpOut: sender } : {}),
-  });
-  const server = Deno.serve({
-    hostname: config.listen.hostname,
-    port: config.listen.port,
-    signal: ac.signal,
-    onListen: ({ hostname, port }) => log.info(`API listening on http://${hostname}:${port}`),
-  }, app.fetch);
+  let server: Deno.HttpServer;
+  let step = "open the RTP output";
+  try {
+    if (config.rtpOut.length > 0) {
+      sender = await RtpSender.open(service, {
+        destinations: config.rtpOut,
+        payloadType: config.rtpPayloadType,
+      });
+    }
+    if (config.rtpIn !== null) {
+      step = `listen for RTP on ${config.listen.hostname}:${config.rtpIn}`;
+      receiver = await RtpReceiver.listen(service, {
+        port: config.rtpIn,
+        host: config.listen.hostname,
+        payloadType: config.rtpPayloadType,
+      });
+    }
+    const app = createApp(service, {
+      signal: ac.signal,
+      ...(config.token ? { token: config.token } : {}),
+      ...(sender ? { rtpOut: sender } : {}),
+    });
+    step = `listen on http://${config.listen.hostname}:${config.listen.port}`;
+    server = Deno.serve({
+      hostname: config.listen.hostname,
+      port: config.listen.port,
+      signal: ac.signal,
+      onListen: ({ hostname, port }) => log.info(`API listening on http://${hostname}:${port}`),
+    }, app.fetch);
+  } catch (e) {
+    log.error(`Cannot ${step}: {error}`, { error: (e as Error).message });
+    await sender?.close();
+    await receiver?.close();
+    await service.close();
+    return 1;
+  }
 
   const stop = new Promise<void>((resolve) => {
     for (const sig of ["SIGINT", "SIGTERM"] as const) Deno.addSignalListener(sig, () => resolve());

@@ -6,6 +6,7 @@
  * @module
  */
 
+import { dirname } from "node:path";
 import { PRESET_NAMES, type PresetName } from "./quality.ts";
 
 /** What is saved. */
@@ -22,9 +23,10 @@ function isPreset(v: unknown): v is PresetName {
 }
 
 /**
- * Reads the state file. A missing file gives `null`; a corrupt one is reported through
- * `onInvalid` and also gives `null` (the service then starts from its flags rather than refusing
- * to start). Fields that are missing or invalid are left out.
+ * Reads the state file. A missing file gives `null`; an unreadable one (a directory, no
+ * permission) or a corrupt one is reported through `onInvalid` and also gives `null` (the service
+ * then starts from its flags rather than refusing to start). Fields that are missing or invalid
+ * are left out.
  */
 export function readControlState(
   path: string,
@@ -34,8 +36,10 @@ export function readControlState(
   try {
     text = Deno.readTextFileSync(path);
   } catch (e) {
-    if (e instanceof Deno.errors.NotFound) return null;
-    throw e;
+    if (!(e instanceof Deno.errors.NotFound)) {
+      onInvalid(`Cannot read state file "${path}": ${(e as Error).message}`);
+    }
+    return null;
   }
   let raw: unknown;
   try {
@@ -58,9 +62,25 @@ export function readControlState(
   return out;
 }
 
-/** Writes the state file atomically. */
+/**
+ * Writes the state file atomically and durably: a temporary file in the same directory, flushed
+ * to disk, renamed over the old file, and the directory flushed — a power cut leaves the old state
+ * or the new one, never an empty file. (Control changes are operator actions, a few a minute at
+ * most: two `fsync`s each cost nothing that matters.)
+ */
 export function writeControlState(path: string, state: ControlState): void {
   const tmp = `${path}.${Deno.pid}.tmp`;
-  Deno.writeTextFileSync(tmp, JSON.stringify(state, null, 2) + "\n");
+  const bytes = new TextEncoder().encode(JSON.stringify(state, null, 2) + "\n");
+  {
+    using f = Deno.openSync(tmp, { write: true, create: true, truncate: true });
+    for (let at = 0; at < bytes.length;) at += f.writeSync(bytes.subarray(at));
+    f.syncSync();
+  }
   Deno.renameSync(tmp, path);
+  try {
+    using d = Deno.openSync(dirname(path), { read: true });
+    d.syncSync();
+  } catch {
+    // A directory that cannot be opened or flushed (some file systems): the rename stands.
+  }
 }

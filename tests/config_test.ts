@@ -1,6 +1,8 @@
 import assert from "node:assert/strict";
 import { ConfigError, FLAGS, helpText, parseConfig, parseListen } from "../lib/config.ts";
 import { runStartupCheck } from "../lib/startup_check.ts";
+import { tempDir } from "./audio_util.ts";
+import { until } from "./wait.ts";
 
 const noEnv = () => undefined;
 
@@ -68,6 +70,31 @@ Deno.test("listening off loopback requires a token", () => {
   assert.equal(c.token, "s3cret");
   assert.deepEqual(parseListen("[::1]:80"), { hostname: "::1", port: 80 });
   parseConfig(["--listen", "localhost:1"], noEnv);
+  parseConfig(["--listen", "127.0.0.2:1"], noEnv);
+  parseConfig(["--listen", "[::1]:1"], noEnv);
+  // Only address literals count: a name that starts with "127." may resolve anywhere.
+  for (const host of ["127.evil.example.com", "127.0.0.300", "127.0.0.1.example.com"]) {
+    assert.throws(
+      () => parseConfig(["--listen", `${host}:8080`], noEnv),
+      /without a token/,
+      host,
+    );
+  }
+});
+
+Deno.test("a token an Authorization header cannot carry is refused at start", () => {
+  for (const token of ["correct horse", "tab\there", "naïve"]) {
+    assert.throws(
+      () => parseConfig(["--token", token], noEnv),
+      /Invalid --token: expected visible ASCII characters only \(no spaces\)/,
+      token,
+    );
+    assert.throws(
+      () => parseConfig([], (k) => k === "KVM_AUDIO_TOKEN" ? token : undefined),
+      /Invalid --token/,
+    );
+  }
+  assert.equal(parseConfig(["--token", "a-Z_0.9~+/=!#$"], noEnv).token, "a-Z_0.9~+/=!#$");
 });
 
 Deno.test("the start-up check reports libraries and a missing device without failing", () => {
@@ -108,6 +135,80 @@ Deno.test("the start-up check says why it cannot start when libopus is missing",
   const text = new TextDecoder().decode(out.stdout);
   assert.equal(out.code, 1);
   assert.match(text, /libopus: NOT LOADED.*\/nonexistent\/libopus\.so\.0.*KVM_AUDIO_LIBOPUS/);
+});
+
+/** Runs main.ts with `args` from `cwd`; resolves to the process and its output so far. */
+function runMain(args: string[], cwd: string) {
+  return new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-ffi",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      "--allow-net=127.0.0.1",
+      "--allow-sys",
+      new URL("../main.ts", import.meta.url).pathname,
+      ...args,
+    ],
+    cwd,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+}
+
+Deno.test("main: a relative state file, and a saved running pipeline that a flag disables", async () => {
+  await using dir = await tempDir();
+  // Saved by an earlier run with both pipelines running; now both are disabled.
+  await Deno.writeTextFile(
+    `${dir.path}/state.json`,
+    JSON.stringify({
+      outputPreset: "low",
+      microphonePreset: "high",
+      muted: false,
+      outputRunning: true,
+      microphoneRunning: true,
+    }),
+  );
+  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (l.addr as Deno.NetAddr).port;
+  l.close();
+  const child = runMain(
+    ["--no-output", "--no-mic", "--state-file", "state.json", "--listen", `127.0.0.1:${port}`],
+    dir.path,
+  );
+  const output = Promise.all([
+    new Response(child.stdout).text(),
+    new Response(child.stderr).text(),
+  ]);
+  try {
+    await until("the API", async () => {
+      try {
+        const r = await fetch(`http://127.0.0.1:${port}/healthz`);
+        return r.ok && (await r.json()).status === "ok";
+      } catch {
+        return false;
+      }
+    }, 20_000);
+    assert.ok((await Deno.stat(`${dir.path}/state.json`)).isFile, "still a file");
+    // The port is taken now: a second instance says so in one line and exits with 1.
+    const second = runMain(["--no-output", "--no-mic", "--listen", `127.0.0.1:${port}`], dir.path);
+    const [out2, err2] = await Promise.all([
+      new Response(second.stdout).text(),
+      new Response(second.stderr).text(),
+    ]);
+    assert.equal((await second.status).code, 1);
+    assert.match(
+      out2 + err2,
+      new RegExp(`Cannot listen on http://127\\.0\\.0\\.1:${port}: .*in use`),
+    );
+    assert.doesNotMatch(out2 + err2, /Uncaught/);
+  } finally {
+    child.kill("SIGTERM");
+  }
+  const [out, err] = await output;
+  assert.equal((await child.status).code, 0, out + err);
+  assert.match(out + err, /output disabled, preset low; microphone disabled/);
 });
 
 Deno.test("the deployment environment file documents every setting", async () => {
