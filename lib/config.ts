@@ -198,9 +198,14 @@ function int(flag: string, v: string, lo: number, hi: number): number {
   return n;
 }
 
-/** Whether `host` is a loopback address or name. */
+/**
+ * Whether `host` is a loopback address (an IPv4 literal in 127.0.0.0/8, or `::1`) or `localhost`.
+ * Only literals count: a DNS name such as `127.example.com` may resolve anywhere.
+ */
 export function isLoopback(host: string): boolean {
-  return host === "localhost" || host === "::1" || host === "[::1]" || /^127\./.test(host);
+  if (host === "localhost" || host === "::1" || host === "[::1]") return true;
+  const m = /^127\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$/.exec(host);
+  return m !== null && m.slice(1).every((o) => Number(o) <= 255);
 }
 
 /** Parses `HOST:PORT` (IPv6 in brackets). */
@@ -274,6 +279,13 @@ export function parseConfig(
 
   const listen = parseListen(get("listen")!);
   const token = get("token") ?? null;
+  // The token travels in `Authorization: Bearer <token>`, which carries no spaces and only ASCII.
+  if (token !== null && !/^[\x21-\x7e]+$/.test(token)) {
+    throw new ConfigError(
+      "Invalid --token: expected visible ASCII characters only (no spaces), as an HTTP " +
+        "Authorization header carries it",
+    );
+  }
   if (!isLoopback(listen.hostname) && !token) {
     throw new ConfigError(
       `Refusing --listen ${listen.hostname}:${listen.port} without a token: set --token or ` +

@@ -457,7 +457,7 @@ export async function readJsonBody(
   }
   const body = value as Record<string, unknown>;
   for (const key of Object.keys(body)) {
-    if (!(key in schema.properties)) {
+    if (!Object.hasOwn(schema.properties, key)) {
       throw new ApiError(
         400,
         `Unknown field ${JSON.stringify(key)}: expected only ${names.join(", ")}`,
@@ -466,7 +466,7 @@ export async function readJsonBody(
     }
   }
   for (const key of schema.required) {
-    if (!(key in body)) {
+    if (!Object.hasOwn(body, key)) {
       const allowed = allowedValues(schema.properties[key]);
       throw new ApiError(
         400,
