@@ -5,7 +5,7 @@ import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/qualit
 import { readRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 import { startPulse } from "./pulse.ts";
-import { sleep } from "./wait.ts";
+import { sleep, until } from "./wait.ts";
 
 interface HistogramJson {
   count: number;
@@ -142,4 +142,48 @@ Deno.test("paced virtual devices: both pipelines run for 6 s with plausible stag
   }
   assert.ok(bestDb > -16, `the monitor heard ${bestDb.toFixed(1)} dBFS`);
   assert.ok(Math.abs(dominantFrequency(heard.subarray(best, best + 48000), 48000) - 700) < 7);
+});
+
+Deno.test("paced playback follows the packets' frame duration: 10, 40, 60 and 20 ms frames all play", async () => {
+  await using pulse = await startPulse();
+  using _env = pulse.use();
+  // Ultra: the playback device is opened for 10 ms frames (period 10 ms, buffer 30 ms).
+  await using service = new AudioService({
+    capture: null,
+    playback: pulse.pcm.playback,
+    microphonePreset: "ultra",
+    metricsIntervalMs: 100,
+  });
+  service.start();
+  const decoded = () =>
+    service.metrics.toJSON().counters["kvm_audio_input_packets_decoded_total"] as number ?? 0;
+  const period = () => service.microphoneStatus().obtained?.periodFrames;
+  await until("the microphone running", () => service.microphoneStatus().state === "running");
+  using enc = OpusEncoder.create({ channels: 1, application: "voip" });
+  const signal = tone({ freq: 600, frames: 48000 * 6, amplitude: 0.4 });
+  const packet = new Uint8Array(1500);
+  let seq = 0, ts = 0, at = 0;
+  // Each phase is 5 s: a PulseAudio stream stalls for up to 2 s after it opens (see TESTING.md),
+  // and the device is reopened for each new duration. The first phase warms up, not counted.
+  for (const [k, ms] of [10, 40, 60, 20].entries()) {
+    const frame = 48 * ms, count = Math.round(5000 / ms);
+    const before = decoded();
+    const t0 = performance.now();
+    for (let i = 0; i < count; i++) {
+      const n = enc.encode(signal.subarray(at, at + frame), frame, packet);
+      at = (at + frame) % (signal.length - 2880);
+      // Real time: each packet when its audio would have been captured.
+      while (performance.now() - t0 < i * ms) await sleep(2);
+      service.pushMicrophonePacket(packet.slice(0, n), seq++ & 0xffff, ts >>> 0, "local");
+      ts += frame;
+    }
+    await sleep(300);
+    if (k === 0) continue;
+    const got = decoded() - before;
+    // Kept open for 10 ms frames, the device took no 40 or 60 ms frame (none fits its 30 ms
+    // buffer): none was decoded.
+    assert.ok(got >= count * 0.4, `${ms} ms packets: ${got} of ${count} decoded`);
+    assert.equal(period(), frame, `the device reopened for ${ms} ms frames`);
+  }
+  assert.equal(service.microphoneStatus().supervisor?.crashes, 0);
 });

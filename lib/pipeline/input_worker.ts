@@ -252,6 +252,8 @@ function run(init: InputInit): void {
     const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
     const flat = init.pace === "flat";
+    // The frame duration this device was opened for (period = one frame, buffer = three).
+    const openedFor = frame;
     // Flat pacing's virtual clock (ms): one frame per played frame.
     let virtualNow = 0;
     let xruns = pcm.xruns;
@@ -281,6 +283,13 @@ function run(init: InputInit): void {
         if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
         else if (pcm.avail() < need) pcm.wait(100);
         inputEnded = drain();
+        // The packets' frame duration changed (a microphone preset of another frame size, or a
+        // sender's choice): reopen the device sized for it. Kept as it was, a longer frame than
+        // the period never finds room (a 40 ms frame in a 30 ms buffer) or spins on a device
+        // that wakes a period at a time; a shorter one plays behind a longer buffer than it
+        // needs. The playout buffer and its packets stay. (Clock and flat pacing write to file
+        // PCMs, which take any write at once: no reopen there.)
+        if (!pacer && frame !== openedFor) return false;
         if (!pacer && pcm.avail() < need) continue;
         now = epochMs();
       }
