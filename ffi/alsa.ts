@@ -72,6 +72,9 @@ const MAX_RATE = 384000;
 const MIN_PERIOD_FRAMES = 16;
 /** Longest wait/drain timeout accepted, in milliseconds. */
 const MAX_TIMEOUT_MS = 60_000;
+/** Sleep between two attempts to resume a suspended PCM inside {@link Pcm.wait}, ms. */
+const SUSPEND_POLL_MS = 20;
+
 /** Longest sleep between two looks at the delay while draining, in milliseconds. */
 const DRAIN_POLL_MS = 20;
 
@@ -519,9 +522,17 @@ export class Pcm implements Disposable {
         case "xrun":
           this.#recoverOrThrow("snd_pcm_wait", -EPIPE);
           return true;
-        case "suspended":
+        case "suspended": {
           this.#recoverOrThrow("snd_pcm_wait", -ESTRPIPE);
-          return true;
+          if (this.state() !== "suspended") return true;
+          // Not back yet (resume said -EAGAIN): look again in short steps until the deadline
+          // instead of returning at once, which had the caller's loop spin a CPU for as long as
+          // the device stayed suspended.
+          const left = deadline - performance.now();
+          if (left <= 0) return false;
+          sleepMs(Math.min(left, SUSPEND_POLL_MS));
+          continue;
+        }
         case "disconnected":
           throw new AlsaError("snd_pcm_wait", -ENODEV, this.name);
       }
