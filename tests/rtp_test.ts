@@ -397,6 +397,13 @@ Deno.test("RTP destinations: multicast needs permission, broadcast and unspecifi
   const r = await resolveDestination({ host: "127.0.0.1", port: 5004 });
   assert.deepEqual(r, { host: "127.0.0.1", address: "127.0.0.1", family: 4, port: 5004 });
   assert.equal((await resolveDestination({ host: "localhost", port: 5004 })).address, "127.0.0.1");
+  // IPv4-mapped: sent to as IPv4 (from a socket bound to ::1 it was unreachable).
+  assert.deepEqual(await resolveDestination({ host: "::ffff:127.0.0.1", port: 5004 }), {
+    host: "::ffff:127.0.0.1",
+    address: "127.0.0.1",
+    family: 4,
+    port: 5004,
+  });
   await assert.rejects(
     resolveDestination({ host: "239.1.2.3", port: 5004 }),
     (e: Error) =>

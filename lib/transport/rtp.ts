@@ -144,23 +144,28 @@ export interface RtpDestination {
 /** What kind of address an IP literal is, as far as sending goes. */
 export type AddressScope = "loopback" | "unicast" | "multicast" | "broadcast" | "unspecified";
 
+/** An IPv6 literal's normal spelling (zone id dropped): "0:0::0001" → "::1". */
+function normalIPv6(address: string): string {
+  return new URL(`http://[${address.replace(/%.*$/, "")}]/`).hostname.slice(1, -1);
+}
+
+/** The IPv4 address inside an IPv4-mapped IPv6 literal (`::ffff:1.2.3.4`), else null. */
+export function mappedIPv4(address: string): string | null {
+  if (isIP(address) !== 6) return null;
+  const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(normalIPv6(address));
+  if (!mapped) return null;
+  const hi = parseInt(mapped[1]!, 16), lo = parseInt(mapped[2]!, 16);
+  return [hi >> 8, hi & 0xff, lo >> 8, lo & 0xff].join(".");
+}
+
 /** Classifies an IP literal (IPv4-mapped IPv6 addresses as their IPv4 address). */
 export function addressScope(address: string): AddressScope {
   const family = isIP(address);
   if (family === 0) {
     throw new RangeError(`Invalid IP address "${address}": expected an IPv4 or IPv6 literal`);
   }
-  let v4: string | null = family === 4 ? address : null;
-  let v6 = "";
-  if (family === 6) {
-    // Normalise the spelling (zone id dropped): "0:0::0001" → "::1", "::ffff:1.2.3.4" → hex.
-    v6 = new URL(`http://[${address.replace(/%.*$/, "")}]/`).hostname.slice(1, -1);
-    const mapped = /^::ffff:([0-9a-f]{1,4}):([0-9a-f]{1,4})$/.exec(v6);
-    if (mapped) {
-      const hi = parseInt(mapped[1]!, 16), lo = parseInt(mapped[2]!, 16);
-      v4 = [hi >> 8, hi & 0xff, lo >> 8, lo & 0xff].join(".");
-    }
-  }
+  const v4 = family === 4 ? address : mappedIPv4(address);
+  const v6 = family === 6 ? normalIPv6(address) : "";
   if (v4 !== null) {
     const octets = v4.split(".").map(Number);
     const a = octets[0]!;
@@ -198,6 +203,9 @@ export async function resolveDestination(
       );
     }
   }
+  // An IPv4-mapped address is sent to as IPv4: from an IPv6 socket bound to ::1 (loopback) a
+  // mapped destination is unreachable (ENETUNREACH on every packet).
+  address = mappedIPv4(address) ?? address;
   const scope = addressScope(address);
   const shown = hp.host === address ? `"${address}"` : `"${hp.host}" (${address})`;
   if (scope === "unspecified" || scope === "broadcast") {
