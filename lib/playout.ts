@@ -20,6 +20,10 @@
  * - Buffering with an empty buffer (before the first packet, or after an underrun): a packet
  *   ahead of the window is accepted and the playout point jumps to it (the sequence numbers in
  *   between are counted in `skipped` when playback restarts). Nothing buffered is lost.
+ * - A packet that follows on from the newest one (at most `capacity / 2` beyond it) but lies
+ *   beyond the window is the stream going on while the playout point stood still (the device
+ *   loop stalled, or the device was being reopened): the window slides forward over the oldest
+ *   packets (`overflowDrops`, holes in `skipped`); nothing is flushed.
  * - Otherwise a packet outside the window is rejected (`"too-early"`, or `"late"` when behind),
  *   and remembered. If the next rejected packet follows it (1 to `capacity` − 1 sequence numbers
  *   later, mod 2^16) the sender is taken to have restarted: the buffer is flushed (`flushed`),
@@ -38,6 +42,12 @@
  *   consecutive concealed frames with still nothing to play, the buffer counts an underrun and
  *   returns to buffering: `next()` answers `idle` — output silence; libopus's PLC has already
  *   faded to silence by then — until the depth reaches the target again.
+ * - With nothing buffered at all, the missing packet is more likely late than lost (a sender's
+ *   pause with its sequence numbers continuous — DTX, a muted page — or a rise in network
+ *   delay): the frame is concealed without consuming its sequence number (`plc` with
+ *   `reason: "late"`, `lateWaits`), so it still plays when it comes. If the next packet to come
+ *   is a later one, the waited-for packets were lost: the waits are set against them (they are
+ *   passed over and counted as `plc` instead of as waits), so a loss adds no delay.
  * - A hard cap keeps latency bounded: more than `maxDepth + 1` frames ahead (a burst after a
  *   stall) drops the oldest frames at once (`overflowDrops`, holes in `skipped`).
  *
@@ -84,7 +94,8 @@
  * - `accepted = played + driftDrops + overflowDrops + flushed + buffered`.
  * - Each sequence number the playout point passes is exactly one of `played`, `fec`, `plc`,
  *   `driftDrops`, `overflowDrops` or `skipped`; sequence numbers jumped over by a resync are
- *   not counted. `plc` counts losses only; drift inserts are `driftInserts`.
+ *   not counted. `plc` counts losses only; drift inserts are `driftInserts`, late waits
+ *   `lateWaits`.
  * Counters are cumulative: `reset()` empties the buffer (counted as `flushed`) but keeps them.
  *
  * ## Hot path
@@ -184,13 +195,14 @@ export interface FecDecision {
 
 /**
  * Conceal one frame (decode a null packet). `reason: "loss"`: `seq` was lost. `reason: "drift"`:
- * a frame inserted to refill the buffer (or to wait for a late `seq`); nothing is consumed and
- * `seq` is the next to play.
+ * a frame inserted to refill the buffer (or to wait for a late `seq`); `reason: "late"`: a frame
+ * inserted while nothing at all is buffered, waiting for `seq`. For the last two nothing is
+ * consumed and `seq` is the next to play.
  */
 export interface PlcDecision {
   readonly kind: "plc";
   readonly seq: number;
-  readonly reason: "loss" | "drift";
+  readonly reason: "loss" | "drift" | "late";
 }
 
 /** Not started, or re-buffering after an underrun: output silence. */
@@ -235,6 +247,12 @@ export interface PlayoutStats {
   readonly driftDrops: number;
   /** Concealment frames inserted to follow a sender slower than the device. */
   readonly driftInserts: number;
+  /**
+   * Concealment frames inserted while nothing was buffered, waiting for the missing packet (a
+   * sender's pause with continuous sequence numbers, a rise in network delay); they consume no
+   * sequence number and count towards `maxConcealFrames`.
+   */
+  readonly lateWaits: number;
   /** Packets dropped because the depth exceeded `maxDepth + 1`. */
   readonly overflowDrops: number;
   /** Packets discarded by a resync or `reset()`. */
@@ -333,6 +351,12 @@ export class PlayoutBuffer {
   #lastDecided = NaN;
   #lastNextMs = NaN;
   #concealRun = 0;
+  /**
+   * Frames concealed with nothing buffered since packets last came (late waits, and stretches
+   * below the drift band), not yet set against a hole; `#waitCreditLate` of them late waits.
+   */
+  #waitCredit = 0;
+  #waitCreditLate = 0;
   #probeSeq = EMPTY;
   #lateProbeSeq = EMPTY;
 
@@ -420,6 +444,7 @@ export class PlayoutBuffer {
       idle: 0,
       driftDrops: 0,
       driftInserts: 0,
+      lateWaits: 0,
       overflowDrops: 0,
       flushed: 0,
       skipped: 0,
@@ -474,6 +499,8 @@ export class PlayoutBuffer {
     this.#lastDecided = NaN;
     this.#lastNextMs = NaN;
     this.#concealRun = 0;
+    this.#waitCredit = 0;
+    this.#waitCreditLate = 0;
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -523,6 +550,14 @@ export class PlayoutBuffer {
     }
     let ext = this.#extend(seq);
     const idleEmpty = !this.#playing && this.#buffered === 0;
+    if (
+      ext >= this.#head + this.capacity && this.#buffered > 0 && ext > this.#highest &&
+      ext - this.#highest <= this.capacity / 2
+    ) {
+      // The stream went on while the playout point stood still (the device loop stalled, the
+      // device was being reopened): not a restart. Slide the window forward over the oldest.
+      this.#dropTo(ext - this.capacity + 1);
+    }
     if (ext >= this.#head + this.capacity || ext < this.#head - this.#farBehind) {
       if (idleEmpty && ext >= this.#head) {
         // Nothing to lose: jump forward to the new packets (a long outage, or a restart).
@@ -598,15 +633,30 @@ export class PlayoutBuffer {
     }
 
     // Hard latency cap.
-    while (this.#highest - this.#head + 1 > this.maxDepth + 1) {
-      if (this.#present(this.#head)) {
-        this.#discardHead();
-        s.overflowDrops++;
-      } else {
-        s.skipped++;
+    if (this.#highest - this.#head + 1 > this.maxDepth + 1) {
+      this.#dropTo(this.#highest - this.maxDepth);
+    }
+
+    // Packets came again after late waits. If the one waited for is still missing, it was lost,
+    // not late: the waits already concealed as many missing ones, which are passed over (and
+    // counted as `plc` instead of as waits), so a loss costs no more delay than a concealment
+    // would have; the level comes back down by as much. If it is there, it plays one frame per wait later than it would
+    // have, and drift control takes that back in time.
+    if (this.#waitCredit > 0 && this.#buffered > 0) {
+      let n = 0;
+      while (n < this.#waitCredit && !this.#present(this.#head)) {
         this.#lastDecided = this.#head;
         this.#head++;
+        n++;
       }
+      // Those frames concealed these losses after all: counted as `plc`, not as waits.
+      const late = Math.min(n, this.#waitCreditLate);
+      s.lateWaits -= late;
+      s.driftInserts -= n - late;
+      s.plc += n;
+      s.smoothedDepth -= n;
+      this.#waitCredit = 0;
+      this.#waitCreditLate = 0;
     }
 
     // Drift control.
@@ -625,26 +675,39 @@ export class PlayoutBuffer {
     } else {
       this.#dropSince = NaN;
     }
-    if (level < this.#target - LOW_MARGIN) {
+    const low = level < this.#target - LOW_MARGIN;
+    let due = false;
+    if (low) {
       if (Number.isNaN(this.#insertSince)) this.#insertSince = nowMs;
       const hold = this.#target - level >= 1 ? this.#driftHoldMs / 4 : this.#driftHoldMs;
-      const due = this.#buffered > 0 && nowMs - this.#insertSince >= hold;
-      // With nothing to play or rebuild now, concealment is due anyway: stretching (not
-      // consuming the missing sequence number) costs nothing more and lets it still arrive.
-      const stretch = !this.#present(this.#head) && !this.#present(this.#head + 1) &&
-        this.#concealRun < this.#maxConceal;
-      if (due || stretch) {
-        this.#insertSince = NaN;
-        if (stretch) this.#concealRun++;
-        s.driftInserts++;
-        s.smoothedDepth += 1;
-        this.#plc.seq = this.#head & SEQ_MASK;
-        this.#plc.reason = "drift";
-        this.#updateDepth();
-        return this.#plc;
-      }
+      due = this.#buffered > 0 && nowMs - this.#insertSince >= hold;
     } else {
       this.#insertSince = NaN;
+    }
+    // With nothing to play or rebuild now, concealment is due anyway: below the drift band,
+    // stretching (not consuming the missing sequence number) costs nothing more and lets it
+    // still arrive.
+    const stretch = low && !this.#present(this.#head) && !this.#present(this.#head + 1) &&
+      this.#concealRun < this.#maxConceal;
+    if (due || stretch) {
+      this.#insertSince = NaN;
+      if (stretch) this.#concealRun++;
+      // With nothing buffered, this is a late wait too (below).
+      if (stretch && this.#buffered === 0) this.#waitCredit++;
+      s.driftInserts++;
+      return this.#insert("drift");
+    }
+    // Nothing buffered at all, whatever the level says (it moves only when packets arrive, so
+    // it is stale in a pause): wait for the missing packet the same way. A sender that paused
+    // with its sequence numbers continuous (DTX, a muted page) or a rise in network delay leaves
+    // the next packet late, not lost; consuming its number made it and every packet after it
+    // "late" until an underrun (`lateWaits`).
+    if (this.#buffered === 0 && this.#concealRun < this.#maxConceal) {
+      this.#concealRun++;
+      this.#waitCredit++;
+      this.#waitCreditLate++;
+      s.lateWaits++;
+      return this.#insert("late");
     }
 
     const head = this.#head;
@@ -665,6 +728,8 @@ export class PlayoutBuffer {
       decision = this.#fec;
     } else if (this.#concealRun >= this.#maxConceal) {
       this.#playing = false;
+      this.#waitCredit = 0;
+      this.#waitCreditLate = 0;
       s.state = "buffering";
       s.underruns++;
       s.idle++;
@@ -725,6 +790,8 @@ export class PlayoutBuffer {
     this.#history.fill(EMPTY);
     this.#lastDecided = NaN;
     this.#concealRun = 0;
+    this.#waitCredit = 0;
+    this.#waitCreditLate = 0;
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -762,6 +829,36 @@ export class PlayoutBuffer {
     this.#head = head + 1;
   }
 
+  /**
+   * A concealment frame that consumes no sequence number: the playout point moves back one frame
+   * against the stream, so the level rises by one.
+   */
+  #insert(reason: "drift" | "late"): PlcDecision {
+    this.#stats.smoothedDepth += 1;
+    this.#plc.seq = this.#head & SEQ_MASK;
+    this.#plc.reason = reason;
+    this.#updateDepth();
+    return this.#plc;
+  }
+
+  /**
+   * Moves the playout point forward to `to`, dropping the packets buffered before it (counted as
+   * `overflowDrops`) and passing over holes (`skipped`). `to` must not pass the newest packet.
+   */
+  #dropTo(to: number): void {
+    const s = this.#stats;
+    while (this.#head < to) {
+      if (this.#present(this.#head)) {
+        this.#discardHead();
+        s.overflowDrops++;
+      } else {
+        s.skipped++;
+        this.#lastDecided = this.#head;
+        this.#head++;
+      }
+    }
+  }
+
   #advanceOverHole(): void {
     this.#lastDecided = this.#head;
     this.#head++;
@@ -789,12 +886,20 @@ export class PlayoutBuffer {
     this.#dropSince = NaN;
     this.#insertSince = NaN;
     s.state = "playing";
-    // Depth each buffered packet would have seen on arrival had playback started then.
+    // Depth each buffered packet would have seen on arrival had playback started then. Its wait
+    // counts up to one frame more than a steady stream's would have been (highest − e): a packet
+    // that sat alone while buffering (a comfort-noise update seconds before speech, a stall)
+    // says nothing of the stream's lead, and counted in full it set the level far above the
+    // target and drift drops followed on a perfect network.
     let sum = 0;
     for (let e = lowest; e <= this.#highest; e++) {
       const slot = this.#slotOf(e);
       if (this.#slotSeq[slot] !== e) continue;
-      sum += (nowMs - this.#slotArrival[slot]!) / this.#frameMs + (e - lowest) + 0.5;
+      const waited = Math.min(
+        (nowMs - this.#slotArrival[slot]!) / this.#frameMs,
+        this.#highest - e + 1,
+      );
+      sum += waited + (e - lowest) + 0.5;
     }
     s.smoothedDepth = sum / this.#buffered;
     return true;

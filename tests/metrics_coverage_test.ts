@@ -55,6 +55,8 @@ const COVERED: Readonly<Record<string, string>> = {
   'kvm_audio_input_frames_concealed_total{reason="loss"}': "two sequence numbers skipped",
   'kvm_audio_input_frames_concealed_total{reason="drift"}':
     "the target jumps to maxDepth (jitter): the buffer is refilled by inserted frames",
+  'kvm_audio_input_frames_concealed_total{reason="late"}':
+    "the sender stops: frames concealed waiting for its next packet, then silence",
   "kvm_audio_input_frames_silence_total": "playback before the first packet / after the last",
   'kvm_audio_input_packets_total{result="accepted"}': "steady microphone stream",
   'kvm_audio_input_packets_total{result="duplicate"}': "a packet pushed twice",
@@ -539,6 +541,8 @@ Deno.test({
           `0 after the sender stopped (max ${maxDepthSeen} while ahead)`,
           (x) => x === 0,
         );
+        // Nothing buffered: frames concealed waiting for the next packet (it may be late).
+        await moved(service, 'kvm_audio_input_frames_concealed_total{reason="late"}', 2000);
 
         // --- Malformed local packets, each refused before the ring.
         const good = mic.packets[0]!;

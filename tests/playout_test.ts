@@ -138,6 +138,7 @@ function drive(
   const bySeqAccepted = new Map<number, number>(); // seq → id of the newest accepted packet
   let pos = -1; // sender id of the last frame decided
   let lastSeq = -1;
+  let waits = 0; // drift or late concealment frames since the last frame decided
   const lastArrival = arrivals.length > 0 ? arrivals[arrivals.length - 1]!.atMs : 0;
   let p = 0;
   for (let k = 0;; k++) {
@@ -152,6 +153,20 @@ function drive(
       }
     }
     const d: PlayoutDecision = buf.next(now);
+    const decided = d.kind === "play" || d.kind === "fec" ||
+      (d.kind === "plc" && d.reason === "loss");
+    if (decided && lastSeq >= 0) {
+      // Sequence numbers passed over after waits (frames concealed with nothing buffered) were
+      // lost: the waits concealed them, at most one each.
+      const gap = ((d.seq - lastSeq) & 0xffff) - 1;
+      if (gap > 0 && gap <= waits) {
+        for (let i = 1; i <= gap; i++) run.plcIds.push(pos + i);
+        pos += gap;
+        lastSeq = (lastSeq + gap) & 0xffff;
+      }
+    }
+    if (d.kind === "plc" && d.reason !== "loss") waits++;
+    else if (d.kind !== "idle") waits = 0;
     if (d.kind === "play") {
       const id = idOf(d.data);
       if (seqOf(d.data) !== d.seq) run.problems.push(`tick ${k}: play seq ${d.seq} has other data`);
@@ -389,7 +404,9 @@ Deno.test("PlayoutBuffer target depth rises fast with jitter and decays slowly a
     assert.ok(step === 0 || step === -1, `tick ${k}: target stepped ${step} while calm`);
   }
   // The buffer followed the target: frames were inserted going up and dropped coming down.
-  assert.ok(buf.stats.driftInserts >= 3, `inserts ${buf.stats.driftInserts}`);
+  // (At the onset, with nothing buffered, some of them are late waits.)
+  const inserted = buf.stats.driftInserts + buf.stats.lateWaits;
+  assert.ok(inserted >= 3, `inserts ${buf.stats.driftInserts} + late waits ${buf.stats.lateWaits}`);
   assert.ok(buf.stats.driftDrops >= 3, `drops ${buf.stats.driftDrops}`);
   // And there was no flapping in the calm first half: at most the start-up adjustments.
   const changes = run.samples.slice(250, jitteryFrom).filter((v, i, a) =>
@@ -479,8 +496,11 @@ Deno.test("PlayoutBuffer re-buffers after a long outage and counts the gap", () 
   assertSequenceAccounting(run);
   assert.equal(s.underruns, 1);
   assert.equal(s.resyncs, 0);
-  assert.equal(s.plc, 5, "five frames concealed, then silence");
-  assert.equal(s.skipped, 150 - 5);
+  // Nothing buffered: five frames concealed waiting for the next packet, then silence; none of
+  // the missing sequence numbers was consumed before the restart passed over them all.
+  assert.equal(s.lateWaits, 5, "five frames concealed, then silence");
+  assert.equal(s.plc, 0);
+  assert.equal(s.skipped, 150);
   assert.equal(s.tooEarly, 0);
   assert.ok(run.played.includes(650), "the first packet after the outage is played");
   assert.ok(run.played.at(-1)! >= 995, `last played ${run.played.at(-1)}`);
@@ -549,7 +569,7 @@ Deno.test("PlayoutBuffer classifies duplicate, late, too-early and malformed pac
   assert.equal(describe(buf.next(40)), "fec 102:103");
   assert.equal(pushAt(buf, 102), "late", "concealed already");
   assert.equal(pushAt(buf, 103 + 15), "accepted", "inside the 16-slot window from 103");
-  assert.equal(pushAt(buf, 103 + 16), "too-early", "beyond the window");
+  assert.equal(pushAt(buf, 103 + 16 + 9), "too-early", "beyond the window, not following on");
   assert.equal(buf.push(104, 0, 0, new Uint8Array(0)), "malformed");
   assert.equal(buf.push(104, 0, 0, new Uint8Array(101)), "malformed");
   assert.equal(buf.push(104, 0, 0, new Uint8Array(100)), "accepted", "exactly maxPacketBytes");
@@ -569,25 +589,29 @@ Deno.test("PlayoutBuffer conceals a loss burst five frames, then goes idle and r
   pushAt(buf, 1, -20);
   const seen = [];
   for (let i = 0; i < 9; i++) seen.push(describe(buf.next(20 + i * 20)));
+  // Nothing buffered: each frame is concealed waiting for seq 2, which is not consumed (it may
+  // only be late), up to five; then silence.
   assert.deepEqual(seen, [
     "play 0:0",
     "play 1:1",
-    "plc 2 loss",
-    "plc 3 loss",
-    "plc 4 loss",
-    "plc 5 loss",
-    "plc 6 loss",
+    "plc 2 late",
+    "plc 2 late",
+    "plc 2 late",
+    "plc 2 late",
+    "plc 2 late",
     "idle",
     "idle",
   ]);
   assert.equal(buf.stats.underruns, 1);
+  assert.equal(buf.stats.lateWaits, 5);
+  assert.equal(buf.stats.plc, 0);
   assert.equal(buf.stats.state, "buffering");
   assert.equal(pushAt(buf, 9), "accepted");
   assert.equal(describe(buf.next(200)), "idle", "one frame is below the target");
   assert.equal(pushAt(buf, 8), "accepted", "reordered before the restart point");
   assert.equal(describe(buf.next(220)), "play 8:8");
   assert.equal(describe(buf.next(240)), "play 9:9");
-  assert.equal(buf.stats.skipped, 8 - 7, "seq 7 was jumped over at the restart");
+  assert.equal(buf.stats.skipped, 8 - 2, "seqs 2–7 were jumped over at the restart");
 });
 
 Deno.test("PlayoutBuffer drops the oldest frames at once when a stall leaves it above maxDepth", () => {
@@ -605,6 +629,90 @@ Deno.test("PlayoutBuffer drops the oldest frames at once when a stall leaves it 
   assert.equal(s.skipped, 1);
   assert.equal(s.depth, 8);
   assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer waits for a late packet when nothing is buffered: a pause or a delay step loses nothing", () => {
+  // A steady stream, then the network delay rises by 60 ms at once (or the sender pauses for
+  // 60 ms with its sequence numbers continuous, as DTX and a muted page do); no packet is lost.
+  const buf = newBuffer({ initialDepth: 2 });
+  const step = 60;
+  const arrival = (seq: number) => seq * FRAME_MS + (seq >= 100 ? step : 0);
+  const decided: string[] = [];
+  let seq = 0;
+  for (let t = 0; t <= 400 * FRAME_MS; t += FRAME_MS) {
+    for (; seq < 400 && arrival(seq) <= t; seq++) pushAt(buf, seq, arrival(seq));
+    decided.push(describe(buf.next(t)));
+  }
+  const s = buf.stats;
+  assert.equal(s.late, 0, "nothing came too late to play");
+  assert.equal(s.plc, 0, "nothing was concealed as lost");
+  assert.ok(s.lateWaits + s.driftInserts >= 1, "frames were concealed waiting");
+  for (const k of [99, 100, 101, 102, 103]) {
+    assert.ok(decided.includes(`play ${k}:${k & 0xff}`), `seq ${k} played`);
+  }
+  assertPacketAccounting(s);
+  // Before, the frames due in the gap consumed seq 100–102: they and every packet after them
+  // came "late" until an underrun, and the buffer resynchronised.
+  assert.equal(s.underruns, 0);
+  assert.equal(s.resyncs, 0);
+});
+
+Deno.test("PlayoutBuffer sets late waits against lost packets: a loss adds no delay", () => {
+  const buf = newBuffer({ initialDepth: 1, driftHoldMs: 1e6 });
+  pushAt(buf, 0);
+  assert.equal(describe(buf.next(0)), "play 0:0");
+  // Seq 1 and 2 are lost; with nothing buffered the buffer waits for seq 1 (it may be late): a
+  // stretch below the drift band, then a late wait.
+  assert.equal(describe(buf.next(20)), "plc 1 drift");
+  assert.equal(describe(buf.next(40)), "plc 1 late");
+  // Seq 3 comes on time: 1 and 2 were lost, and the two waits already filled their time, so
+  // seq 3 plays when it always would have.
+  pushAt(buf, 3);
+  assert.equal(describe(buf.next(60)), "play 3:3");
+  const s = buf.stats;
+  // The waits are counted as what they turned out to be: concealment of two lost frames.
+  assert.equal(s.lateWaits + s.driftInserts, 0);
+  assert.equal(s.plc, 2, "seq 1 and 2 were concealed");
+  assert.equal(s.skipped, 0);
+  pushAt(buf, 4);
+  assert.equal(describe(buf.next(80)), "play 4:4");
+  assert.ok(s.smoothedDepth < 2, `level ${s.smoothedDepth}: no frame of delay was added`);
+});
+
+Deno.test("PlayoutBuffer slides its window over a stall longer than its capacity: no resync", () => {
+  const buf = newBuffer({ initialDepth: 2, maxDepth: 8, driftHoldMs: 1e6 });
+  pushAt(buf, 0);
+  pushAt(buf, 1);
+  assert.equal(describe(buf.next(20)), "play 0:0");
+  // The device loop stalls for 2 s (100 frames, capacity 32) while the stream goes on.
+  for (let seq = 2; seq <= 101; seq++) assert.equal(pushAt(buf, seq), "accepted", `seq ${seq}`);
+  const s = buf.stats;
+  assert.equal(s.resyncs, 0, "a stall is not a sender restart");
+  assert.equal(s.flushed, 0);
+  assert.equal(describe(buf.next(2040)), `play ${101 - 8}:${101 - 8}`);
+  assert.equal(s.depth, 8);
+  assertPacketAccounting(s);
+  // A packet far ahead of the newest is still out of the window (a restart, or garbage).
+  assert.equal(pushAt(buf, 101 + 40), "too-early");
+});
+
+Deno.test("PlayoutBuffer starts its level from the stream, not from how long a lone packet waited", () => {
+  const buf = newBuffer({ initialDepth: 2 });
+  // A lone packet (a comfort-noise update), then speech 400 ms later: a perfect network.
+  assert.equal(buf.push(0, 0, 0, tag(0)), "accepted");
+  for (let t = 0; t < 400; t += FRAME_MS) assert.equal(buf.next(t).kind, "idle");
+  const levels: number[] = [];
+  for (let k = 1; k <= 50; k++) {
+    const at = 400 + (k - 1) * FRAME_MS;
+    assert.equal(buf.push(k, (k + 20) * FRAME_SAMPLES, at, tag(k)), "accepted");
+    buf.next(at + 1);
+    levels.push(buf.stats.smoothedDepth);
+  }
+  // Counted in full, the lone packet's 20 frames of waiting started the level near 11 frames
+  // against a target of 2, and drift drops discarded speech on a perfect network.
+  assert.ok(levels[0]! <= buf.stats.targetDepth + 0.5, `level ${levels[0]} at the start`);
+  assert.ok(Math.max(...levels) <= 3, `level up to ${Math.max(...levels)}`);
+  assert.equal(buf.stats.driftDrops, 0);
 });
 
 Deno.test("PlayoutBuffer copies payloads into one pool and reuses its decision objects", () => {

@@ -83,6 +83,7 @@ function run(init: InputInit): void {
   };
   const plcLoss = m.concealed.labels({ reason: "loss" });
   const plcDrift = m.concealed.labels({ reason: "drift" });
+  const plcLate = m.concealed.labels({ reason: "late" });
   // RTP input read here (see drainRtp), counted in the series the main thread's intake uses.
   const rtpStats = new Int32Array(init.rtpStats);
   /** Datagrams that arrived before this worker started are dropped as stale. */
@@ -325,7 +326,7 @@ function run(init: InputInit): void {
           break;
         case "plc":
           n = decoder.conceal(dec, frame);
-          (d.reason === "loss" ? plcLoss : plcDrift).inc();
+          (d.reason === "loss" ? plcLoss : d.reason === "drift" ? plcDrift : plcLate).inc();
           break;
         case "idle":
           dec.fill(0, 0, frame * decCh);
