@@ -46,6 +46,8 @@ const COVERED: Readonly<Record<string, string>> = {
   "kvm_audio_output_frames_muted_total": "PUT /api/audio/mute while capturing",
   "kvm_audio_output_xruns_total":
     "pacmd kill-source-output: the pulse plugin reports the lost record stream as -EPIPE",
+  "kvm_audio_output_gap_frames_total":
+    "an output worker crashed and restarted (fault switch): the time it was down",
   'kvm_audio_stage_latency_ms{stage="capture_to_encoded"}': "file PCM capture",
   'kvm_audio_stage_latency_ms{stage="read_to_encoded"}': "file PCM capture",
   // Input worker.
@@ -724,6 +726,8 @@ Deno.test({
             () => service.supervisors[kind]!.status.restarts > before,
           );
         }
+        // The restarted output worker moved the RTP timestamp on by the time it was down.
+        await moved(service, "kvm_audio_output_gap_frames_total", 5000);
         const text = await (await app.request("/metrics")).text();
         for (const kind of ["output", "input"]) {
           assert.match(

@@ -52,8 +52,15 @@ Deno.test("a crashed output worker is restarted and audio resumes; the control s
   await using dir = await tempDir();
   const { service, restore } = await outputService(dir.path);
   using _ = restore;
-  const packets: { seq: number; data: Uint8Array }[] = [];
-  service.subscribe((f) => packets.push({ seq: f.seq, data: f.data.slice() }));
+  const packets: { seq: number; data: Uint8Array; timestamp: number; capturedAt: number }[] = [];
+  service.subscribe((f) =>
+    packets.push({
+      seq: f.seq,
+      data: f.data.slice(),
+      timestamp: f.timestamp,
+      capturedAt: f.capturedAt,
+    })
+  );
   service.setOutputPreset("medium");
   service.start();
   await until("first packets", () => packets.length > 20);
@@ -74,6 +81,19 @@ Deno.test("a crashed output worker is restarted and audio resumes; the control s
   );
   // The sequence continues across the restart (no reuse of numbers).
   for (let i = 1; i < packets.length; i++) assert.ok(packets[i]!.seq > packets[i - 1]!.seq);
+  // The RTP timestamp follows the capture clock over the restart: it jumps by the time capture
+  // missed (to a frame), so receivers see the gap instead of audio running late by it.
+  let at = 1;
+  for (let i = 2; i < packets.length; i++) {
+    const gap = (k: number) => packets[k]!.capturedAt - packets[k - 1]!.capturedAt;
+    if (gap(i) > gap(at)) at = i;
+  }
+  const first = packets[at]!, last = packets[at - 1]!;
+  const jump = (first.timestamp - last.timestamp) >>> 0;
+  const elapsed = Math.round((first.capturedAt - last.capturedAt) * 48);
+  assert.ok(elapsed > 5 * 960, `capture missed ${elapsed} samples`);
+  assert.ok(Math.abs(jump - elapsed) <= 960, `timestamp moved ${jump} for ${elapsed} samples`);
+  assert.equal(jump % 960, 0, "by whole frames");
   // The audio after the restart is the tone.
   using dec = OpusDecoder.create({ channels: 2 });
   const pcm = new Int16Array(960 * 2 * 20);

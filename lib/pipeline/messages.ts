@@ -77,7 +77,19 @@ export const CONTROL = {
    */
   nextSeq: 26,
   nextTimestamp: 27,
+  /**
+   * Output, words 28–29 (a float64, {@link lastFrameAtCell}): the capture time (epoch ms) of the
+   * last frame the worker went through, encoded or not; 0 before the first. After a gap in
+   * capture — a reopened device, a restarted worker, an overrun — the next incarnation or the
+   * reopened loop moves the RTP timestamp on by the frames the gap held.
+   */
+  lastFrameAt: 28,
 } as const;
+
+/** The control block's float64 view of {@link CONTROL.lastFrameAt}. */
+export function lastFrameAtCell(control: SharedArrayBuffer): Float64Array {
+  return new Float64Array(control, CONTROL.lastFrameAt * 4, 1);
+}
 
 /** The slots of {@link orphanSlots}: what a worker may leave behind. */
 export const ORPHAN = { pcm: 0, codec: 1, resampler: 2 } as const;

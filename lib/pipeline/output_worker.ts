@@ -43,7 +43,14 @@ import {
   type Preset,
   PRESET_NAMES,
 } from "../quality.ts";
-import { CONTROL, epochMs, FrameFlag, OUTPUT_RING, type OutputInit } from "./messages.ts";
+import {
+  CONTROL,
+  epochMs,
+  FrameFlag,
+  lastFrameAtCell,
+  OUTPUT_RING,
+  type OutputInit,
+} from "./messages.ts";
 import {
   ClockPacer,
   lastWords,
@@ -109,6 +116,7 @@ function run(init: OutputInit): void {
   };
   let seq = init.firstSeq | 0;
   let rtp = init.firstTimestamp >>> 0;
+  const lastFrameAt = lastFrameAtCell(init.control);
   let captured48 = 0;
   const maxSamples = init.maxSamples ?? Infinity;
 
@@ -187,6 +195,12 @@ function run(init: OutputInit): void {
     let xruns = pcm.xruns;
     // Frames were muted or unheard since the encoder last ran.
     let skipped = false;
+    // Capture (re)starts here, maybe after a gap: a reopened device, a restarted worker. Then, and
+    // after an overrun, the RTP timestamp follows the wall clock over the gap (RFC 3550: it
+    // counts sampling instants), so that a receiver sees a jump (the RTP marker, the WebSocket
+    // discontinuity flag) rather than audio that runs late by the gap. Not with flat pacing: it
+    // has no clock.
+    let resumed = !flat;
     pcm.start();
 
     while (!ctl.stopRequested) {
@@ -206,6 +220,7 @@ function run(init: OutputInit): void {
       if (pcm.xruns !== xruns) {
         m.xruns.inc(pcm.xruns - xruns);
         xruns = pcm.xruns;
+        resumed = !flat;
       }
       if (n === 0) continue;
       const readAt = epochMs();
@@ -234,6 +249,17 @@ function run(init: OutputInit): void {
       while (accFrames - start >= fs) {
         const remaining = accFrames - start - fs;
         const frameAt = lastAt - (remaining / 48000) * 1000;
+        if (resumed) {
+          resumed = false;
+          const last = lastFrameAt[0]!;
+          // Frames the gap held, beyond the one due next (half a frame of timing noise allowed).
+          const missed = last > 0 ? Math.round(((frameAt - last) * 48) / fs) - 1 : 0;
+          if (missed > 0) {
+            rtp = (rtp + missed * fs) >>> 0;
+            m.gapFrames.inc(missed);
+          }
+        }
+        lastFrameAt[0] = frameAt;
         const listeners = ctl.get(CONTROL.listeners);
         const rtpActive = rtpOut.active;
         if (ctl.get(CONTROL.muted) !== 0) {

@@ -42,6 +42,11 @@ export function outputMetrics(r: Registry) {
       "Frames captured while muted (not encoded, not sent)",
     ),
     xruns: r.counter("kvm_audio_output_xruns_total", "Capture overruns recovered"),
+    gapFrames: r.counter(
+      "kvm_audio_output_gap_frames_total",
+      "Frames of time capture missed (a reopened device, a restarted worker, an overrun): the " +
+        "RTP timestamp moved on by them",
+    ),
     captureToEncoded: stage.labels({ stage: "capture_to_encoded" }),
     readToEncoded: stage.labels({ stage: "read_to_encoded" }),
   };
