@@ -19,9 +19,10 @@ say() { [ "$quiet" = 1 ] || echo "setup: $*"; }
 
 # Runtime libraries, the tools to find devices, and paced virtual devices (PulseAudio null sink/source).
 packages=(libopus0 libasound2 alsa-utils libspeexdsp1 pulseaudio pulseaudio-utils libasound2-plugins)
-# Tests and benchmarks also build a small C baseline and drive real clients.
+# Tests and benchmarks also build a small C baseline and drive real clients: ffmpeg (RTP and SDP
+# interoperability) and Chromium (the operator's page).
 if [ "$want_test_tools" = 1 ]; then
-  packages+=(gcc libc6-dev libopus-dev libspeexdsp-dev)
+  packages+=(gcc libc6-dev libopus-dev libspeexdsp-dev ffmpeg chromium)
 fi
 
 missing=()
