@@ -68,7 +68,8 @@ async function loadPlaywright(): Promise<typeof import("playwright-core")> {
   }
 }
 
-const TOKEN = "page-test-token";
+// A base64-like token: `+` and `/` must survive `?token=` (URLSearchParams reads `+` as a space).
+const TOKEN = "page+test/token==";
 const LISTEN_HZ = 440;
 const LISTEN_AMPLITUDE = 0.4;
 const TALK_HZ = 523;
@@ -341,19 +342,48 @@ Deno.test({
       assert.ok(Math.abs(f - LISTEN_HZ) / LISTEN_HZ < 0.01, `decoded ${f.toFixed(2)} Hz`);
     });
 
-    await t.step("muting on the page stops the stream", async () => {
-      await page.check("#mute-output");
-      await waitForStats(page, "the muted hello", (s) => s.listen.hello?.muted === true);
-      assert.equal(service.muted, true);
-      const a = (await stats(page)).listen.packetsReceived;
-      await sleep(500);
-      const b = (await stats(page)).listen.packetsReceived;
-      assert.equal(b, a, "no packets while muted");
-      await page.uncheck("#mute-output");
-      await waitForStats(page, "packets again", (s) => s.listen.packetsReceived > b + 10);
-      assert.equal(service.muted, false);
+    await t.step("muting on the page stops the stream, and adds no delay or losses", async () => {
+      const before = await stats(page);
+      for (let cycle = 0; cycle < 2; cycle++) {
+        await page.check("#mute-output");
+        await waitForStats(page, "the muted hello", (s) => s.listen.hello?.muted === true);
+        assert.equal(service.muted, true);
+        const a = (await stats(page)).listen.packetsReceived;
+        await sleep(500);
+        const b = (await stats(page)).listen.packetsReceived;
+        assert.equal(b, a, "no packets while muted");
+        await page.uncheck("#mute-output");
+        await waitForStats(page, "packets again", (s) => s.listen.packetsReceived > b + 10);
+        assert.equal(service.muted, false);
+      }
+      await waitForStats(page, "playing again", (s) => s.listen.playout?.playing === true);
+      const after = await stats(page);
+      // Before, each mute ran the buffer dry as if the network had failed (+20 ms of target each
+      // time) and counted the frames the service did not send as lost.
+      assert.equal(after.listen.playout?.targetMs, before.listen.playout?.targetMs);
+      assert.equal(after.listen.playout?.underruns, before.listen.playout?.underruns);
+      assert.equal(after.listen.packetsLost, before.listen.packetsLost);
       await page.click("#listen"); // stop
       assert.deepEqual(errors, [], "no console errors while listening");
+    });
+
+    await t.step("Listen, Stop, Listen in quick succession ends listening", async () => {
+      // Three clicks while the first start still waits for its worklet module.
+      await page.evaluate(() => {
+        // deno-lint-ignore no-explicit-any
+        const b = (globalThis as any).document.getElementById("listen");
+        b.click();
+        b.click();
+        b.click();
+      });
+      const s = await waitForStats(
+        page,
+        "decoding after the third click",
+        (s) => s.listen.active && s.listen.decodedFrames >= 48000,
+      );
+      assert.equal(s.listen.connected, true);
+      await page.click("#listen"); // stop
+      assert.deepEqual(errors, []);
     });
 
     await t.step("a refused microphone says so", async () => {

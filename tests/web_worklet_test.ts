@@ -19,6 +19,9 @@ interface Stats {
   underruns: number;
   trims: number;
   trimmedMs: number;
+  stretches: number;
+  stretchedMs: number;
+  gaps: number;
 }
 
 interface Port {
@@ -174,6 +177,60 @@ Deno.test("playout worklet follows a sender whose clock runs 1 % fast", async ()
   assert.ok(p.stats.depthMs < 40 + 40, `depth ${p.stats.depthMs} ms`);
   assert.ok(p.stats.trimmedMs > 200, `trimmed ${p.stats.trimmedMs} ms`);
   assert.equal(p.stats.underruns, 0);
+});
+
+Deno.test("playout worklet follows a sender whose clock runs 0.3 % slow by stretching, without running dry", async () => {
+  await loadWorklet();
+  // Ten times the worst crystal (±300 ppm): 180 ms fewer arrive in 60 s than are played.
+  const p = new Playout({ targetMs: 40 });
+  p.offset = 2 * PACKET;
+  p.run(60_000, { senderSpeed: 0.997 });
+  // Stretches made it up: no underrun (before, the buffer ran dry and rebuffered).
+  assert.equal(p.stats.underruns, 0);
+  assert.ok(p.stats.stretches >= 10, `stretches ${p.stats.stretches}`);
+  assert.ok(p.stats.stretchedMs > 120, `stretched ${p.stats.stretchedMs} ms`);
+  assert.ok(p.stats.depthMs > 5, `depth ${p.stats.depthMs} ms`);
+  // In step, nothing is stretched.
+  const q = new Playout({ targetMs: 40 });
+  q.offset = 2 * PACKET;
+  q.run(10_000);
+  assert.equal(q.stats.stretches, 0);
+  assert.equal(q.stats.trims, 0);
+});
+
+Deno.test("playout worklet: a pause of the stream on purpose is no underrun", async () => {
+  await loadWorklet();
+  // Muted: the page says so ({type: "pause"}); the buffer plays out and waits.
+  const p = new Playout({ targetMs: 40, stepMs: 20 });
+  p.offset = 2 * PACKET;
+  p.run(1000);
+  p.proc.port.onmessage!({ data: { type: "pause" } });
+  p.run(500, { send: false });
+  p.next += 0.5 * RATE; // nothing was sent while muted
+  p.run(1000);
+  assert.equal(p.stats.underruns, 0);
+  assert.equal(p.stats.gaps, 1);
+  assert.equal(p.stats.targetMs, 40, "no delay added");
+  assert.equal(p.stats.playing, true);
+  // A gap the sender meant (DTX, a restart), known only when the next packet says so: the
+  // underrun counted meanwhile is taken back.
+  const q = new Playout({ targetMs: 40, stepMs: 20 });
+  q.offset = 2 * PACKET;
+  q.run(1000);
+  q.run(300, { send: false });
+  assert.equal(q.stats.underruns, 1);
+  q.next += 0.3 * RATE;
+  q.proc.port.onmessage!({ data: { type: "gap" } });
+  q.run(1000);
+  assert.equal(q.stats.underruns, 0);
+  assert.equal(q.stats.gaps, 1);
+  assert.equal(q.stats.targetMs, 40);
+  // A real stall (no "gap" after it) still counts and raises the target.
+  q.run(300, { send: false });
+  q.next += 0.3 * RATE;
+  q.run(1000);
+  assert.equal(q.stats.underruns, 1);
+  assert.equal(q.stats.targetMs, 60);
 });
 
 Deno.test("playout worklet lowers its target again after a calm stretch", async () => {

@@ -39,7 +39,23 @@ const $ = (id) => {
   return el;
 };
 
-const token = new URLSearchParams(location.search).get("token");
+/**
+ * The token from `?token=…`, read from the raw query: `URLSearchParams` would turn a `+` (common in
+ * base64 tokens) into a space, and the service would refuse it.
+ */
+function tokenFromQuery(search) {
+  for (const part of search.replace(/^\?/, "").split("&")) {
+    const eq = part.indexOf("=");
+    if (eq < 0 || part.slice(0, eq) !== "token") continue;
+    try {
+      return decodeURIComponent(part.slice(eq + 1));
+    } catch {
+      return part.slice(eq + 1);
+    }
+  }
+  return null;
+}
+const token = tokenFromQuery(location.search);
 
 /** An API error with the service's own message. */
 class ApiError extends Error {
@@ -395,6 +411,7 @@ async function resumeAudio(ctx, key) {
 class Listener {
   constructor() {
     this.active = false;
+    this.generation = 0;
     this.analyser = new Analyser();
     this.meter = new Meter("listen-meter", "listen-level");
     this.reset();
@@ -420,27 +437,39 @@ class Listener {
   async start() {
     if (this.active) return;
     this.active = true;
+    // Each start is a generation: a stop, or a newer start, while this one waits (for the
+    // worklet module, for the audio to resume) leaves it to close only what it made itself.
+    const gen = ++this.generation;
     this.reset();
     this.retryMs = RECONNECT_MIN_MS;
     render();
+    // Created inside the click that started it: autoplay rules allow it to run.
+    const ctx = new AudioContext({ sampleRate: OPUS_RATE, latencyHint: "interactive" });
+    this.ctx = ctx;
+    const superseded = async () => {
+      if (gen === this.generation) return false;
+      if (ctx.state !== "closed") await ctx.close().catch(() => {});
+      return true;
+    };
     try {
-      // Created inside the click that started it: autoplay rules allow it to run.
-      this.ctx = new AudioContext({ sampleRate: OPUS_RATE, latencyHint: "interactive" });
-      await this.ctx.audioWorklet.addModule("audio-worklet.js");
-      this.node = new AudioWorkletNode(this.ctx, "kvm-playout", {
+      await ctx.audioWorklet.addModule("audio-worklet.js");
+      if (await superseded()) return;
+      const node = new AudioWorkletNode(ctx, "kvm-playout", {
         numberOfInputs: 0,
         numberOfOutputs: 1,
         outputChannelCount: [2],
         processorOptions: { targetMs: 40, minMs: 20, maxMs: 300 },
       });
-      this.node.port.onmessage = (e) => {
-        if (e.data.type === "stats") this.playout = e.data;
+      node.port.onmessage = (e) => {
+        if (e.data.type === "stats" && this.node === node) this.playout = e.data;
       };
-      this.node.connect(this.ctx.destination);
-      await resumeAudio(this.ctx, "listen-audio");
-      if (!this.active) return;
+      node.connect(ctx.destination);
+      this.node = node;
+      await resumeAudio(ctx, "listen-audio");
+      if (await superseded()) return;
       this.connect();
     } catch (e) {
+      if (await superseded()) return;
       notify("listen", "error", `Cannot start listening: ${e.message}`);
       await this.stop();
     }
@@ -490,6 +519,9 @@ class Listener {
       );
       return;
     }
+    // Muted: the service sends nothing until unmuted. The playout buffer is told, so that running
+    // dry is no underrun (which would add delay to the rest of the session).
+    if (msg.muted && !this.hello?.muted) this.node?.port.postMessage({ type: "pause" });
     this.hello = msg;
     syncSelect($("output-preset"), msg.preset);
     syncCheck($("mute-output"), msg.muted);
@@ -531,13 +563,16 @@ class Listener {
     const seq = v.getUint32(4);
     const ts = v.getUint32(8);
     if (channels !== 1 && channels !== 2) return;
+    const restart = (flags & FLAG_DISCONTINUITY) !== 0;
     if (this.lastSeq !== null) {
       const d = (seq - this.lastSeq) >>> 0;
       if (d === 0 || d >= 0x80000000) {
         this.late++;
         return;
       }
-      this.lost += d - 1;
+      // Across a discontinuity (mute, DTX, a restart of the pipeline) the numbers the service
+      // skipped were never sent: not losses.
+      if (!restart) this.lost += d - 1;
     }
     this.lastSeq = seq;
     this.packets++;
@@ -549,8 +584,11 @@ class Listener {
       this.extTs += d < 0x80000000 ? d : d - 0x100000000;
     }
     this.lastTs = ts;
-    const restart = (flags & FLAG_DISCONTINUITY) !== 0;
-    if (restart) this.discontinuities++;
+    if (restart) {
+      this.discontinuities++;
+      // The gap before this packet was the sender's: a dry-out in it was no network trouble.
+      this.node?.port.postMessage({ type: "gap" });
+    }
     if (
       !this.decoder || this.decoder.state !== "configured" || this.decoderChannels !== channels ||
       restart
@@ -589,6 +627,7 @@ class Listener {
 
   async stop() {
     this.active = false;
+    this.generation++;
     clearTimeout(this.retry);
     const ws = this.ws;
     this.ws = null;
@@ -633,6 +672,7 @@ const APPLICATIONS = { voip: "voip", audio: "audio", restrictedLowDelay: "lowdel
 class Talker {
   constructor() {
     this.active = false;
+    this.generation = 0;
     this.muted = false;
     this.analyser = new Analyser();
     this.meter = new Meter("talk-meter", "talk-level");
@@ -655,30 +695,43 @@ class Talker {
   async start({ takeover = false } = {}) {
     if (this.active) return;
     this.active = true;
+    // Each start is a generation: a stop, or a newer start, while this one waits (for the
+    // permission prompt, the worklet module, the audio to resume) leaves it to release only what
+    // it made itself — before, it went on with the newer start's context and stopped it.
+    const gen = ++this.generation;
     this.reset();
     clearNotice("mic");
     render();
     // Created inside the click that started it (autoplay rules), before the permission prompt.
     let ctx = new AudioContext({ sampleRate: OPUS_RATE, latencyHint: "interactive" });
     this.ctx = ctx;
+    let stream = null;
+    const superseded = async () => {
+      if (gen === this.generation) return false;
+      for (const t of stream?.getTracks() ?? []) t.stop();
+      if (ctx.state !== "closed") await ctx.close().catch(() => {});
+      return true;
+    };
     const vp = $("voice-processing").checked;
     try {
-      this.stream = await navigator.mediaDevices.getUserMedia({
+      stream = await navigator.mediaDevices.getUserMedia({
         audio: { channelCount: 1, echoCancellation: vp, noiseSuppression: vp, autoGainControl: vp },
       });
     } catch (e) {
+      if (await superseded()) return;
       notify("mic", "error", microphoneError(e));
       await this.stop({ keepNotice: true });
       return;
     }
-    if (!this.active) return this.stop();
+    if (await superseded()) return;
+    this.stream = stream;
     try {
-      const track = this.stream.getAudioTracks()[0];
+      const track = stream.getAudioTracks()[0];
       this.trackRate = track?.getSettings().sampleRate ?? null;
       let source;
       try {
         // The context resamples the microphone (Chromium's fake one runs at 44.1 kHz) to 48 kHz.
-        source = ctx.createMediaStreamSource(this.stream);
+        source = ctx.createMediaStreamSource(stream);
       } catch (e) {
         if (e.name !== "NotSupportedError") throw e;
         // Engines that cannot resample a microphone: capture at its own rate and let the
@@ -686,10 +739,11 @@ class Talker {
         await ctx.close();
         ctx = new AudioContext({ latencyHint: "interactive" });
         this.ctx = ctx;
-        source = ctx.createMediaStreamSource(this.stream);
+        source = ctx.createMediaStreamSource(stream);
       }
       await ctx.audioWorklet.addModule("audio-worklet.js");
-      this.node = new AudioWorkletNode(ctx, "kvm-capture", {
+      if (await superseded()) return;
+      const node = new AudioWorkletNode(ctx, "kvm-capture", {
         numberOfInputs: 1,
         numberOfOutputs: 0,
         channelCount: 1,
@@ -697,15 +751,17 @@ class Talker {
         channelInterpretation: "speakers",
         processorOptions: { frameSamples: Math.round(ctx.sampleRate * 0.02) },
       });
-      this.node.port.onmessage = (e) => {
-        if (e.data.type === "frame") this.onFrame(e.data);
+      node.port.onmessage = (e) => {
+        if (e.data.type === "frame" && this.node === node) this.onFrame(e.data);
       };
-      source.connect(this.node);
+      source.connect(node);
+      this.node = node;
       this.source = source;
       await resumeAudio(ctx, "talk-audio");
-      if (!this.active) return;
+      if (await superseded()) return;
       this.connect(takeover);
     } catch (e) {
+      if (await superseded()) return;
       notify("mic", "error", `Cannot start talking: ${e.message}`);
       await this.stop({ keepNotice: true });
     }
@@ -856,6 +912,7 @@ class Talker {
 
   async stop({ keepNotice = false } = {}) {
     this.active = false;
+    this.generation++;
     const ws = this.ws;
     this.ws = null;
     ws?.close(1000, "stopped");
@@ -968,7 +1025,9 @@ function tokenNeeded() {
   notify(
     "token",
     "error",
-    "The service needs an API token: open this page as …/?token=<your token>.",
+    token === null
+      ? "The service needs an API token: open this page as …/?token=<your token>."
+      : "The service refused the API token in this page's address: check it (…/?token=<your token>).",
   );
 }
 
@@ -1053,7 +1112,10 @@ async function poll() {
     ]);
     const failed = [audio, mic, metrics].find((r) => r.status === "rejected");
     if (failed?.reason instanceof ApiError && failed.reason.status === 401) tokenNeeded();
-    serviceReachable = audio.status === "fulfilled" || metrics.status === "fulfilled";
+    // A refused token is an answer: the service is up.
+    const answered = (r) =>
+      r.status === "fulfilled" || (r.reason instanceof ApiError && r.reason.status === 401);
+    serviceReachable = answered(audio) || answered(metrics);
     if (audio.status === "fulfilled") {
       outputStatus = audio.value;
       syncSelect($("output-preset"), outputStatus?.preset);

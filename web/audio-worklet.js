@@ -6,7 +6,13 @@
  *   then plays. An underrun (less than one render quantum left) raises the target by one step
  *   and buffers again; a buffer that stayed deeper than the target plus a margin for a whole
  *   window is trimmed back to the target with a short crossfade (a sender whose clock runs fast,
- *   or a burst after a network stall); a long stretch without underruns lowers the target again.
+ *   or a burst after a network stall), and one that fell below the target minus the margin (or
+ *   half the target, whichever is more) in a window is stretched towards it, at most 10 ms a window, by replaying a few milliseconds with
+ *   a crossfade (a sender whose clock runs slow: without it the buffer ran dry every minute or
+ *   so at −300 ppm); a long stretch without underruns lowers the target again. A pause of the
+ *   stream on purpose is no underrun: after `{type: "pause"}` (the output was muted) the buffer
+ *   plays out and waits without raising its target, and `{type: "gap"}` (a packet after a gap
+ *   the sender meant: DTX, a restart) takes back an underrun counted since the last audio.
  * - `kvm-capture`: cuts the microphone input (mixed down to mono by the node) into frames of
  *   `frameSamples` samples and posts each with its peak and RMS level.
  *
@@ -41,6 +47,13 @@ class PlayoutProcessor extends AudioWorkletProcessor {
     this.underruns = 0;
     this.trims = 0;
     this.trimmedFrames = 0;
+    this.stretches = 0;
+    this.stretchedFrames = 0;
+    this.maxStretchFrames = msToFrames(10);
+    this.pendingStretch = 0;
+    this.pausing = false; // the stream pauses on purpose: running dry is no underrun
+    this.gaps = 0; // dry-outs that were the sender's pauses
+    this.undo = null; // the target before the last underrun, while no audio came since
     this.overflowFrames = 0;
     this.windowFrames = sampleRate; // judge depth over 1 s windows
     this.windowElapsed = 0;
@@ -61,12 +74,23 @@ class PlayoutProcessor extends AudioWorkletProcessor {
       this.read = this.written;
       this.playing = false;
       this.pendingTrim = 0;
+      this.pendingStretch = 0;
+    } else if (msg.type === "pause") {
+      this.pausing = true;
+    } else if (msg.type === "gap" && this.undo !== null) {
+      // The dry-out before this packet was the sender's pause, not the network's fault.
+      this.target = this.undo;
+      this.underruns--;
+      this.gaps++;
+      this.undo = null;
     }
   }
 
   push(planes) {
     const n = planes[0]?.length ?? 0;
     if (n === 0) return;
+    this.undo = null;
+    this.pausing = false;
     const depth = this.written - this.read;
     if (depth + n > this.capacity) {
       // Never happens while playing normally (the trim keeps the depth near the target);
@@ -112,15 +136,43 @@ class PlayoutProcessor extends AudioWorkletProcessor {
         out[c].fill(0, depth);
       }
       this.read += depth;
-      this.underruns++;
-      this.windowUnderrun = true;
-      this.target = Math.min(this.maxFrames, this.target + this.stepFrames);
       this.playing = false;
-      this.calmFrames = 0;
+      this.pendingStretch = 0;
+      if (this.pausing) {
+        // Muted: the stream stopped on purpose. Wait for it without raising the target.
+        this.pausing = false;
+        this.gaps++;
+      } else {
+        this.underruns++;
+        this.windowUnderrun = true;
+        this.undo = this.target;
+        this.target = Math.min(this.maxFrames, this.target + this.stepFrames);
+        this.calmFrames = 0;
+      }
     } else {
       this.windowMin = Math.min(this.windowMin, depth);
       const trim = Math.min(this.pendingTrim, depth - n);
-      if (trim > 0) {
+      // Frames already played that can be played again (still in the ring).
+      const stretch = Math.min(this.pendingStretch, this.capacity - depth - n);
+      if (stretch > 0 && trim <= 0) {
+        // Replay `stretch` frames: crossfade from the current position to `stretch` frames
+        // back over the quantum, and go on from there.
+        for (let c = 0; c < out.length; c++) {
+          const o = out[c];
+          const ring = this.ring[Math.min(c, 1)];
+          const cap = this.capacity;
+          for (let i = 0; i < n; i++) {
+            const a = ring[(this.read + i) % cap];
+            const b = ring[(this.read - stretch + i + cap) % cap];
+            const t = (i + 1) / n;
+            o[i] = a * (1 - t) + b * t;
+          }
+        }
+        this.read += n - stretch;
+        this.stretches++;
+        this.stretchedFrames += stretch;
+        this.pendingStretch = 0;
+      } else if (trim > 0) {
         // Skip `trim` frames, crossfading from the old position to the new one over the quantum.
         for (let c = 0; c < out.length; c++) {
           const o = out[c];
@@ -146,6 +198,13 @@ class PlayoutProcessor extends AudioWorkletProcessor {
         if (!this.windowUnderrun && this.windowMin > this.target + this.marginFrames) {
           // The buffer never came near the target in a whole window: those frames are only delay.
           this.pendingTrim = this.windowMin - this.target;
+        } else if (
+          !this.windowUnderrun &&
+          this.windowMin < Math.max(this.target - this.marginFrames, this.target / 2)
+        ) {
+          // It fell well below the target (the sender's clock is slower than this one, or the
+          // network slowed): make some of it up before it runs dry.
+          this.pendingStretch = Math.min(this.maxStretchFrames, this.target - this.windowMin);
         }
         this.windowElapsed = 0;
         this.windowMin = Infinity;
@@ -169,6 +228,9 @@ class PlayoutProcessor extends AudioWorkletProcessor {
         underruns: this.underruns,
         trims: this.trims,
         trimmedMs: (this.trimmedFrames * 1000) / sampleRate,
+        stretches: this.stretches,
+        stretchedMs: (this.stretchedFrames * 1000) / sampleRate,
+        gaps: this.gaps,
         overflowMs: (this.overflowFrames * 1000) / sampleRate,
         peak: this.peak,
       });
