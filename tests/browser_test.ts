@@ -456,6 +456,24 @@ Deno.test({
       const viaWs = Object.entries(received).find(([k]) => k.includes("websocket"))?.[1] ?? 0;
       const sent = (await stats(tp)).talk.packetsSent;
       assert.ok(viaWs >= s.talk.packetsSent && viaWs <= sent, `received ${viaWs} of ${sent}`);
+
+      // Muting the microphone for a second pauses the stream: after it, nothing the page sends is
+      // dropped as late (before, the first packet after each unmute was).
+      const inputCounter = (result: string) =>
+        (service.metrics.toJSON().counters["kvm_audio_input_packets_total"] as Record<
+          string,
+          number
+        >)[`result="${result}"`] ?? 0;
+      const lateBefore = inputCounter("late");
+      for (let cycle = 0; cycle < 2; cycle++) {
+        await tp.check("#mute-mic");
+        await sleep(1000);
+        const muted = (await stats(tp)).talk.packetsSent;
+        await tp.uncheck("#mute-mic");
+        await waitForStats(tp, "talk packets again", (x) => x.talk.packetsSent >= muted + 50);
+      }
+      await sleep(600); // two metrics snapshots
+      assert.equal(inputCounter("late"), lateBefore, "no packet after an unmute came late");
     });
 
     await t.step(
