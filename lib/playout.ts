@@ -45,9 +45,14 @@
  * - With nothing buffered at all, the missing packet is more likely late than lost (a sender's
  *   pause with its sequence numbers continuous — DTX, a muted page — or a rise in network
  *   delay): the frame is concealed without consuming its sequence number (`plc` with
- *   `reason: "late"`, `lateWaits`), so it still plays when it comes. If the next packet to come
- *   is a later one, the waited-for packets were lost: the waits are set against them (they are
- *   passed over and counted as `plc` instead of as waits), so a loss adds no delay.
+ *   `reason: "late"`), so it still plays when it comes. The waits are settled when the next
+ *   packet comes: if it is the one waited for, they count as `lateWaits`; if it is a later one,
+ *   the waited-for packets were lost, and as many of them as there were waits are passed over
+ *   and counted as `plc` (the waits concealed them), so a loss adds no delay. A wait leaves the
+ *   level (below) alone: the whole stream came late or paused, so its lead against the later
+ *   playout point is unchanged, and the packets that come measure it anyway. (Counted as a rise
+ *   of one frame per wait, a sender pausing two frames in fifty drove the level to 60 frames and
+ *   drift drops discarded speech.)
  * - A hard cap keeps latency bounded: more than `maxDepth + 1` frames ahead (a burst after a
  *   stall) drops the oldest frames at once (`overflowDrops`, holes in `skipped`).
  *
@@ -249,8 +254,10 @@ export interface PlayoutStats {
   readonly driftInserts: number;
   /**
    * Concealment frames inserted while nothing was buffered, waiting for the missing packet (a
-   * sender's pause with continuous sequence numbers, a rise in network delay); they consume no
-   * sequence number and count towards `maxConcealFrames`.
+   * sender's pause with continuous sequence numbers, a rise in network delay), once settled: when
+   * the packet came (or at an underrun or reset); those that turned out to conceal lost packets
+   * are counted in `plc` instead. They consume no sequence number and count towards
+   * `maxConcealFrames`.
    */
   readonly lateWaits: number;
   /** Packets dropped because the depth exceeded `maxDepth + 1`. */
@@ -352,11 +359,10 @@ export class PlayoutBuffer {
   #lastNextMs = NaN;
   #concealRun = 0;
   /**
-   * Frames concealed with nothing buffered since packets last came (late waits, and stretches
-   * below the drift band), not yet set against a hole; `#waitCreditLate` of them late waits.
+   * Late waits since packets last came, not yet settled: counted as `lateWaits` (the packet came)
+   * or as `plc` (it was lost) when the next packet comes, as `lateWaits` at an underrun or reset.
    */
-  #waitCredit = 0;
-  #waitCreditLate = 0;
+  #pendingWaits = 0;
   #probeSeq = EMPTY;
   #lateProbeSeq = EMPTY;
 
@@ -499,8 +505,8 @@ export class PlayoutBuffer {
     this.#lastDecided = NaN;
     this.#lastNextMs = NaN;
     this.#concealRun = 0;
-    this.#waitCredit = 0;
-    this.#waitCreditLate = 0;
+    this.#stats.lateWaits += this.#pendingWaits;
+    this.#pendingWaits = 0;
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -556,6 +562,16 @@ export class PlayoutBuffer {
     ) {
       // The stream went on while the playout point stood still (the device loop stalled, the
       // device was being reopened): not a restart. Slide the window forward over the oldest.
+      if (!this.#playing) {
+        // Buffering, the playout point is not at the oldest packet yet: count the gap before it
+        // as a start would (nothing before a stream's first packet), and slide from there.
+        const lowest = this.#lowest();
+        if (!Number.isNaN(this.#lastDecided) && lowest > this.#lastDecided + 1) {
+          s.skipped += lowest - this.#lastDecided - 1;
+        }
+        this.#head = lowest;
+        this.#lastDecided = lowest - 1;
+      }
       this.#dropTo(ext - this.capacity + 1);
     }
     if (ext >= this.#head + this.capacity || ext < this.#head - this.#farBehind) {
@@ -637,26 +653,20 @@ export class PlayoutBuffer {
       this.#dropTo(this.#highest - this.maxDepth);
     }
 
-    // Packets came again after late waits. If the one waited for is still missing, it was lost,
-    // not late: the waits already concealed as many missing ones, which are passed over (and
-    // counted as `plc` instead of as waits), so a loss costs no more delay than a concealment
-    // would have; the level comes back down by as much. If it is there, it plays one frame per wait later than it would
-    // have, and drift control takes that back in time.
-    if (this.#waitCredit > 0 && this.#buffered > 0) {
+    // Packets came again after late waits: settle them. If the one waited for is still missing,
+    // it was lost, not late: the waits already concealed as many missing ones, which are passed
+    // over and counted as `plc`, so a loss costs no more delay than a concealment would have.
+    // The rest were waits (`lateWaits`): the packet plays now, as late as it came.
+    if (this.#pendingWaits > 0 && this.#buffered > 0) {
       let n = 0;
-      while (n < this.#waitCredit && !this.#present(this.#head)) {
+      while (n < this.#pendingWaits && !this.#present(this.#head)) {
         this.#lastDecided = this.#head;
         this.#head++;
         n++;
       }
-      // Those frames concealed these losses after all: counted as `plc`, not as waits.
-      const late = Math.min(n, this.#waitCreditLate);
-      s.lateWaits -= late;
-      s.driftInserts -= n - late;
       s.plc += n;
-      s.smoothedDepth -= n;
-      this.#waitCredit = 0;
-      this.#waitCreditLate = 0;
+      s.lateWaits += this.#pendingWaits - n;
+      this.#pendingWaits = 0;
     }
 
     // Drift control.
@@ -684,6 +694,21 @@ export class PlayoutBuffer {
     } else {
       this.#insertSince = NaN;
     }
+    // Nothing buffered at all, whatever the level says (it moves only when packets arrive, so
+    // it is stale in a pause): the packet due is more likely late than lost — a sender that
+    // paused with its sequence numbers continuous (DTX, a muted page), a rise in network delay —
+    // so conceal without consuming its number and let it still come; consuming it made it and
+    // every packet after it "late" until an underrun. Level-neutral: the whole stream came late
+    // (or paused), so its lead against the later playout point is what it was; the packets that
+    // come measure it anyway.
+    if (this.#buffered === 0 && this.#concealRun < this.#maxConceal) {
+      this.#concealRun++;
+      this.#pendingWaits++;
+      this.#plc.seq = this.#head & SEQ_MASK;
+      this.#plc.reason = "late";
+      this.#updateDepth();
+      return this.#plc;
+    }
     // With nothing to play or rebuild now, concealment is due anyway: below the drift band,
     // stretching (not consuming the missing sequence number) costs nothing more and lets it
     // still arrive.
@@ -692,22 +717,12 @@ export class PlayoutBuffer {
     if (due || stretch) {
       this.#insertSince = NaN;
       if (stretch) this.#concealRun++;
-      // With nothing buffered, this is a late wait too (below).
-      if (stretch && this.#buffered === 0) this.#waitCredit++;
       s.driftInserts++;
-      return this.#insert("drift");
-    }
-    // Nothing buffered at all, whatever the level says (it moves only when packets arrive, so
-    // it is stale in a pause): wait for the missing packet the same way. A sender that paused
-    // with its sequence numbers continuous (DTX, a muted page) or a rise in network delay leaves
-    // the next packet late, not lost; consuming its number made it and every packet after it
-    // "late" until an underrun (`lateWaits`).
-    if (this.#buffered === 0 && this.#concealRun < this.#maxConceal) {
-      this.#concealRun++;
-      this.#waitCredit++;
-      this.#waitCreditLate++;
-      s.lateWaits++;
-      return this.#insert("late");
+      s.smoothedDepth += 1;
+      this.#plc.seq = this.#head & SEQ_MASK;
+      this.#plc.reason = "drift";
+      this.#updateDepth();
+      return this.#plc;
     }
 
     const head = this.#head;
@@ -728,8 +743,8 @@ export class PlayoutBuffer {
       decision = this.#fec;
     } else if (this.#concealRun >= this.#maxConceal) {
       this.#playing = false;
-      this.#waitCredit = 0;
-      this.#waitCreditLate = 0;
+      s.lateWaits += this.#pendingWaits;
+      this.#pendingWaits = 0;
       s.state = "buffering";
       s.underruns++;
       s.idle++;
@@ -790,8 +805,8 @@ export class PlayoutBuffer {
     this.#history.fill(EMPTY);
     this.#lastDecided = NaN;
     this.#concealRun = 0;
-    this.#waitCredit = 0;
-    this.#waitCreditLate = 0;
+    this.#stats.lateWaits += this.#pendingWaits;
+    this.#pendingWaits = 0;
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -827,18 +842,6 @@ export class PlayoutBuffer {
     if (this.#buffered === 0) this.#highest = EMPTY;
     this.#lastDecided = head;
     this.#head = head + 1;
-  }
-
-  /**
-   * A concealment frame that consumes no sequence number: the playout point moves back one frame
-   * against the stream, so the level rises by one.
-   */
-  #insert(reason: "drift" | "late"): PlcDecision {
-    this.#stats.smoothedDepth += 1;
-    this.#plc.seq = this.#head & SEQ_MASK;
-    this.#plc.reason = reason;
-    this.#updateDepth();
-    return this.#plc;
   }
 
   /**

@@ -657,14 +657,65 @@ Deno.test("PlayoutBuffer waits for a late packet when nothing is buffered: a pau
   assert.equal(s.resyncs, 0);
 });
 
+Deno.test("PlayoutBuffer: a sender's pauses with continuous sequence numbers leave its level alone", () => {
+  // A ±10 ms-jitter stream whose sender pauses two frames in every fifty (DTX, a muted page):
+  // sequence numbers continuous, timestamps jump; the real delay never changes.
+  const buf = newBuffer();
+  const rand = prng(3);
+  const arrivals: { seq: number; ts: number; at: number }[] = [];
+  let seq = 500;
+  for (let k = 0; k < 6000; k++) {
+    if (k > 0 && k % 50 < 2) continue; // paused
+    arrivals.push({
+      seq: seq++ & 0xffff,
+      ts: (k * FRAME_SAMPLES) >>> 0,
+      at: k * 20 + 5 + rand() * 20,
+    });
+  }
+  arrivals.sort((a, b) => a.at - b.at);
+  let p = 0, maxLevel = 0;
+  for (let k = 0; k < 6000; k++) {
+    const now = k * FRAME_MS;
+    for (; p < arrivals.length && arrivals[p]!.at <= now; p++) {
+      const a = arrivals[p]!;
+      buf.push(a.seq, a.ts, a.at, tag(a.seq));
+    }
+    buf.next(now);
+    if (k > 500) maxLevel = Math.max(maxLevel, buf.stats.smoothedDepth);
+  }
+  const s = buf.stats;
+  assert.equal(s.late, 0);
+  assert.ok(s.lateWaits > 100, `late waits ${s.lateWaits}`);
+  // Counted as a rise of one frame per wait, the level climbed to 60 frames and drift drops
+  // threw away 114 packets of speech in two minutes.
+  assert.ok(maxLevel <= s.targetDepth + 1.5, `level up to ${maxLevel}`);
+  assert.equal(s.driftDrops, 0);
+  assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer slides over packets queued before its first start and counts each once", () => {
+  // The device is slow to open: 40 packets are queued before the first next() (capacity 32).
+  const buf = newBuffer();
+  for (let i = 0; i < 40; i++) assert.equal(pushAt(buf, 1000 + i), "accepted");
+  const d = buf.next(800);
+  assert.equal(d.kind, "play");
+  const first = (d as { seq: number }).seq;
+  const s = buf.stats;
+  // Every sequence number from the stream's first packet to the one played is counted once;
+  // none before the first packet (they never existed).
+  assert.equal(s.overflowDrops + s.skipped, first - 1000);
+  assert.equal(s.skipped, 0);
+  assertPacketAccounting(s);
+});
+
 Deno.test("PlayoutBuffer sets late waits against lost packets: a loss adds no delay", () => {
   const buf = newBuffer({ initialDepth: 1, driftHoldMs: 1e6 });
   pushAt(buf, 0);
   assert.equal(describe(buf.next(0)), "play 0:0");
-  // Seq 1 and 2 are lost; with nothing buffered the buffer waits for seq 1 (it may be late): a
-  // stretch below the drift band, then a late wait.
-  assert.equal(describe(buf.next(20)), "plc 1 drift");
+  // Seq 1 and 2 are lost; with nothing buffered the buffer waits for seq 1 (it may be late).
+  assert.equal(describe(buf.next(20)), "plc 1 late");
   assert.equal(describe(buf.next(40)), "plc 1 late");
+  assert.equal(buf.stats.lateWaits, 0, "not settled until a packet comes");
   // Seq 3 comes on time: 1 and 2 were lost, and the two waits already filled their time, so
   // seq 3 plays when it always would have.
   pushAt(buf, 3);

@@ -53,6 +53,11 @@ function syncCounter(c: { value(): number; inc(n: number): void }, total: number
   if (total > have) c.inc(total - have);
 }
 
+/** {@link syncCounter} for one labelled series. */
+function syncSeries(c: { readonly value: number; inc(n: number): void }, total: number): void {
+  if (total > c.value) c.inc(total - c.value);
+}
+
 function run(init: InputInit): void {
   const ctl = new WorkerControl(init);
   // A predecessor terminated mid-read left the RTP busy flag raised; this worker is the reader now.
@@ -326,7 +331,6 @@ function run(init: InputInit): void {
           break;
         case "plc":
           n = decoder.conceal(dec, frame);
-          (d.reason === "loss" ? plcLoss : d.reason === "drift" ? plcDrift : plcLate).inc();
           break;
         case "idle":
           dec.fill(0, 0, frame * decCh);
@@ -379,6 +383,11 @@ function run(init: InputInit): void {
       m.target.set(s.targetDepth);
       m.jitter.set(s.jitterMs);
       m.buffered.set(s.buffered);
+      // Concealment by reason from the buffer's own counts: a late wait is settled (as a wait, or
+      // as the concealment of a packet found lost) only when the next packet comes.
+      syncSeries(plcLoss, s.plc);
+      syncSeries(plcDrift, s.driftInserts);
+      syncSeries(plcLate, s.lateWaits);
       syncCounter(m.driftDrops, s.driftDrops);
       syncCounter(m.overflowDrops, s.overflowDrops);
       syncCounter(m.flushed, s.flushed);
