@@ -90,11 +90,11 @@ export async function main(args: readonly string[]): Promise<number> {
       });
     }
     if (config.rtpIn !== null) {
-      step = `listen for RTP on ${config.listen.hostname}:${config.rtpIn}`;
+      step = `listen for RTP on ${config.rtpInHost}:${config.rtpIn}`;
       receiver = await RtpReceiver.listen(service, {
         port: config.rtpIn,
-        host: config.listen.hostname,
-        payloadType: config.rtpPayloadType,
+        host: config.rtpInHost,
+        payloadType: config.rtpInPayloadType,
       });
     }
     const app = createApp(service, {

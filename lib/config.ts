@@ -6,6 +6,7 @@
  * @module
  */
 
+import { isIP } from "node:net";
 import { parseArgs } from "node:util";
 import { parsePresetName, type PresetName } from "./quality.ts";
 
@@ -24,7 +25,12 @@ export interface Config {
   stateFile: string | null;
   rtpOut: string[];
   rtpIn: number | null;
+  /** Where RTP input binds: the --listen host as an address (`localhost` → 127.0.0.1). */
+  rtpInHost: string;
+  /** Payload type of RTP output. */
   rtpPayloadType: number;
+  /** Payload type RTP input accepts: the one --rtp-pt names, else null (any dynamic type). */
+  rtpInPayloadType: number | null;
   pace: "device" | "clock" | "flat";
   logLevel: "debug" | "info" | "warning" | "error";
   check: boolean;
@@ -135,7 +141,8 @@ export const FLAGS: readonly FlagSpec[] = [
     env: "KVM_AUDIO_RTP_PT",
     kind: "string",
     def: "111",
-    help: "RTP payload type for Opus (96-127)",
+    help:
+      "RTP payload type for Opus (96-127): what --rtp-out sends; when given, the only one --rtp-in accepts (else any dynamic type, as ffmpeg sends 97)",
   },
   {
     flag: "no-output",
@@ -305,6 +312,26 @@ export function parseConfig(
       `Refusing --rtp-in ${rtpIn} with --no-mic: RTP input plays into the microphone pipeline`,
     );
   }
+  if (rtpOut.length > 0 && bool("no-output")) {
+    // The output pipeline's worker is what sends RTP.
+    throw new ConfigError(
+      `Refusing --rtp-out ${rtpOut.join(",")} with --no-output: RTP output sends the output ` +
+        "pipeline's audio",
+    );
+  }
+  // RTP input binds on the --listen host, which must be an address for a socket of its own.
+  let rtpInHost = listen.hostname;
+  if (rtpIn !== undefined && isIP(rtpInHost) === 0) {
+    if (rtpInHost !== "localhost") {
+      throw new ConfigError(
+        `Refusing --rtp-in ${rtpIn} with --listen ${rtpInHost}: RTP input binds on the --listen ` +
+          "host, which must then be an IP address (or localhost)",
+      );
+    }
+    rtpInHost = "127.0.0.1";
+  }
+  const ptGiven = typeof values["rtp-pt"] === "string" || !!env("KVM_AUDIO_RTP_PT");
+  const rtpPayloadType = int("rtp-pt", get("rtp-pt")!, 96, 127);
 
   return {
     capture: bool("no-output") ? null : get("capture")!,
@@ -320,7 +347,9 @@ export function parseConfig(
     stateFile: stateFlag === "none" ? null : stateFlag ?? defaultStateFile(env),
     rtpOut,
     rtpIn: rtpIn === undefined ? null : int("rtp-in", rtpIn, 1, 65535),
-    rtpPayloadType: int("rtp-pt", get("rtp-pt")!, 96, 127),
+    rtpInHost,
+    rtpPayloadType,
+    rtpInPayloadType: ptGiven ? rtpPayloadType : null,
     pace: oneOf("pace", ["device", "clock", "flat"] as const),
     logLevel: oneOf("log-level", ["debug", "info", "warning", "error"] as const),
     check: bool("check"),

@@ -82,6 +82,31 @@ Deno.test("listening off loopback requires a token", () => {
   }
 });
 
+Deno.test("RTP flags: input host and payload type, and the pipelines they need", () => {
+  // RTP input binds on the --listen host: localhost is 127.0.0.1, another name is refused.
+  const c = parseConfig(["--listen", "localhost:8080", "--rtp-in", "5004"], noEnv);
+  assert.equal(c.rtpInHost, "127.0.0.1");
+  assert.throws(
+    () => parseConfig(["--listen", "kvm.lan:8080", "--token", "t", "--rtp-in", "5004"], noEnv),
+    /Refusing --rtp-in 5004 with --listen kvm.lan: .*must then be an IP address/,
+  );
+  assert.equal(parseConfig(["--listen", "[::1]:8080", "--rtp-in", "5004"], noEnv).rtpInHost, "::1");
+  // Input accepts any dynamic payload type unless one is named (ffmpeg sends 97); output sends
+  // 111 unless one is named.
+  assert.equal(c.rtpInPayloadType, null);
+  assert.equal(c.rtpPayloadType, 111);
+  const named = parseConfig(["--rtp-in", "5004", "--rtp-pt", "100"], noEnv);
+  assert.equal(named.rtpInPayloadType, 100);
+  assert.equal(named.rtpPayloadType, 100);
+  const env = parseConfig([], (k) => k === "KVM_AUDIO_RTP_PT" ? "111" : undefined);
+  assert.equal(env.rtpInPayloadType, 111);
+  // RTP output sends the output pipeline's audio: refused without it, as input without the mic.
+  assert.throws(
+    () => parseConfig(["--rtp-out", "127.0.0.1:5004", "--no-output"], noEnv),
+    /Refusing --rtp-out 127.0.0.1:5004 with --no-output/,
+  );
+});
+
 Deno.test("a token an Authorization header cannot carry is refused at start", () => {
   for (const token of ["correct horse", "tab\there", "naïve"]) {
     assert.throws(
@@ -221,4 +246,11 @@ Deno.test("the deployment environment file documents every setting", async () =>
   assert.match(unit, /EnvironmentFile=\/etc\/kvm-audio\/kvm-audio\.env/);
   assert.match(unit, /Restart=always/);
   assert.match(unit, /StateDirectory=kvm-audio/);
+  // The start limit belongs to [Unit] (systemd ignores its interval in [Service]); a
+  // configuration error (exit 2) is not restarted.
+  const section = (name: string) => unit.split(/^\[/m).find((x) => x.startsWith(`${name}]`)) ?? "";
+  assert.match(section("Unit"), /^StartLimitIntervalSec=60$/m);
+  assert.match(section("Unit"), /^StartLimitBurst=10$/m);
+  assert.doesNotMatch(section("Service"), /StartLimit/);
+  assert.match(section("Service"), /^RestartPreventExitStatus=2$/m);
 });
