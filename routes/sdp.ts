@@ -2,7 +2,9 @@
  * `GET /api/audio/sdp`: an SDP describing the RTP output (`--rtp-out`) as a receiver at the first
  * destination needs it, so `ffmpeg -protocol_whitelist file,http,udp,rtp -i <url>`, a GStreamer
  * `udpsrc ! rtpopusdepay` pipeline or a WebRTC gateway's RTP mountpoint can play it. It follows
- * the current output preset (channels, frame duration); the session version changes with them.
+ * the current output preset (channels, frame duration); the session version (`o=`) starts at the
+ * route's creation time in seconds and goes up by one whenever what it describes changes, as RFC
+ * 8866 asks (it was derived from the preset, and went down from high to ultra).
  *
  * @module
  */
@@ -20,6 +22,8 @@ export interface RtpOutInfo {
 
 /** The SDP route. */
 export function sdpRoutes(service: AudioService, rtpOut: RtpOutInfo | undefined): RouteSpec[] {
+  let described = "";
+  let version = Math.floor(Date.now() / 1000);
   return [{
     method: "GET",
     path: "/api/audio/sdp",
@@ -35,13 +39,18 @@ export function sdpRoutes(service: AudioService, rtpOut: RtpOutInfo | undefined)
         throw new ApiError(404, "No RTP output is configured: start the service with --rtp-out");
       }
       const p = service.outputPreset;
+      const key = `${p.channels}/${p.frameMs}/${p.inbandFec}`;
+      if (key !== described) {
+        if (described !== "") version++;
+        described = key;
+      }
       const sdp = sdpFor({ address: dest.address, port: dest.port }, {
         payloadType: rtpOut.payloadType,
         channels: p.channels,
         frameMs: p.frameMs,
         inbandFec: p.inbandFec,
         sessionId: rtpOut.ssrc,
-        sessionVersion: p.channels * 100 + p.frameMs,
+        sessionVersion: version,
       });
       return c.body(sdp, 200, { "Content-Type": SDP_CONTENT_TYPE, "Cache-Control": "no-cache" });
     }],

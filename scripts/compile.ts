@@ -108,10 +108,16 @@ if (import.meta.main) {
   let failed = 0;
   for (const target of targets as Target[]) {
     const denort = denortFor(target, targets.length === 1);
-    const env: Record<string, string> = denort ? { DENORT_BIN: denort } : {};
+    // The child's environment is this one without DENORT_BIN, plus the runtime for this target:
+    // a DENORT_BIN inherited for several targets built every one from the same runtime (an
+    // x86-64 file named for aarch64).
+    const env = Deno.env.toObject();
+    delete env.DENORT_BIN;
+    if (denort) env.DENORT_BIN = denort;
     console.error(`compile: ${target}${denort ? ` with DENORT_BIN=${denort}` : ""}`);
     const out = await new Deno.Command(Deno.execPath(), {
       args: compileArgs(target, outdir),
+      clearEnv: true,
       env,
       stdout: "inherit",
       stderr: "piped",

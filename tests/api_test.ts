@@ -612,3 +612,28 @@ Deno.test("OpenAPI 3.1 document lists every route the app serves", async () => {
     }
   }
 });
+
+Deno.test("GET /api/audio/sdp: the session version goes up with every change it describes", async () => {
+  await using service = new AudioService({ capture: null, playback: null, outputPreset: "high" });
+  const app = createApp(service, {
+    rtpOut: { destinations: [{ address: "127.0.0.1", port: 5004 }], payloadType: 111, ssrc: 7 },
+  });
+  const version = async () => {
+    const r = await call(app, "GET", "/api/audio/sdp");
+    assert.equal(r.status, 200);
+    const o = /^o=- 7 (\d+) IN IP4 /m.exec(r.text);
+    assert.ok(o, r.text);
+    return Number(o[1]);
+  };
+  const v1 = await version();
+  assert.equal(await version(), v1, "unchanged while nothing changes");
+  // high (stereo, 20 ms) → ultra (stereo, 10 ms) → low (mono) → high: each a new, higher version
+  // (derived from the preset, it went from 220 down to 210 and 120).
+  let last = v1;
+  for (const preset of ["ultra", "low", "high"]) {
+    service.setOutputPreset(preset);
+    const v = await version();
+    assert.ok(v > last, `${preset}: version ${v} after ${last}`);
+    last = v;
+  }
+});

@@ -47,3 +47,28 @@ Deno.test("compile says what to set when denort cannot be had", async () => {
   assert.equal(out.code, 1);
   assert.match(err, /DENORT_BIN=\/nonexistent\/denort/);
 });
+
+Deno.test("compile for both targets does not hand one DENORT_BIN to both", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "run",
+      "--allow-read",
+      "--allow-write",
+      "--allow-env",
+      "--allow-run",
+      "scripts/compile.ts",
+      "--outdir",
+      await Deno.makeTempDir(),
+    ],
+    cwd: repo,
+    // One runtime is for one target: inherited by both compiles, it built both from it (an
+    // x86-64 file named for aarch64).
+    env: { DENORT_BIN: "/nonexistent/denort-aarch64" },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const err = new TextDecoder().decode(out.stderr);
+  assert.equal(out.code, 1);
+  assert.doesNotMatch(err, /nonexistent\/denort-aarch64/);
+  for (const target of Object.keys(TARGETS)) assert.match(err, new RegExp(`compile: ${target}\n`));
+});
