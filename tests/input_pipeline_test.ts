@@ -266,3 +266,68 @@ Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets 
     `level ${rmsDb(mid).toFixed(2)} vs ${want.toFixed(2)}`,
   );
 });
+
+for (const [rate, channels] of [[44100, 4], [32000, 1], [44100, 6]] as const) {
+  test(`input pipeline: a ${rate} Hz ${channels}-channel playback device gets the tone, resampled`, async () => {
+    await using dir = await tempDir();
+    const outfile = `${dir.path}/out.raw`;
+    const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
+    using _cfg = useAlsaConfig(cfg);
+    const p = MICROPHONE_PRESETS.high;
+    const frame = frameSamples(p);
+    const seconds = 3;
+    const service = new AudioService({
+      capture: null,
+      playback: "kvm_test_playback",
+      playbackRate: rate,
+      playbackChannels: channels,
+      microphonePreset: "high",
+      pace: "flat",
+      metricsIntervalMs: 50,
+    });
+    service.start();
+    using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
+    const pcm = tone({ freq: 700, frames: 48000 * seconds, amplitude: 0.4 });
+    const buf = new Uint8Array(1500);
+    const total = (48000 * seconds) / frame;
+    let pushed = 0;
+    const deadline = Date.now() + 20_000;
+    while (pushed < total) {
+      // A worker that crashes on every frame takes nothing: fail, do not wait forever.
+      assert.ok(Date.now() < deadline, `only ${pushed} of ${total} packets taken`);
+      while (pushed < total && service.microphoneBacklog < 48) {
+        const n = enc.encode(pcm.subarray(pushed * frame, (pushed + 1) * frame), frame, buf);
+        service.pushMicrophonePacket(buf.subarray(0, n), pushed & 0xffff, pushed * frame);
+        pushed++;
+      }
+      await sleep(1);
+    }
+    let json = service.metrics.toJSON();
+    for (
+      let i = 0;
+      i < 200 && counter(json, "kvm_audio_input_packets_decoded_total") < total;
+      i++
+    ) {
+      await sleep(50);
+      json = service.metrics.toJSON();
+    }
+    // Before, a device of more than two channels at another rate crashed the worker every frame.
+    assert.equal(service.microphoneStatus().supervisor?.crashes, 0);
+    await service.close();
+    assert.equal(counter(service.metrics.toJSON(), "kvm_audio_input_packets_decoded_total"), total);
+    const raw = await readRaw(outfile);
+    for (const c of [0, channels - 1]) {
+      const x = channel(raw, channels, c);
+      const start = x.findIndex((v) => Math.abs(v) > 0.05);
+      assert.ok(start >= 0, `channel ${c} played the tone`);
+      const played = x.length - start;
+      assert.ok(
+        Math.abs(played - rate * seconds) <= (4 * frame * rate) / 48000,
+        `channel ${c}: ${played} frames from the first sound, expected ${rate * seconds}`,
+      );
+      const mid = x.subarray(start + rate / 2, start + rate * 2);
+      assert.ok(Math.abs(dominantFrequency(mid, rate) - 700) < 5, `channel ${c} frequency`);
+      assert.ok(rmsDb(mid) > -14 && rmsDb(mid) < -8, `channel ${c} level ${rmsDb(mid)}`);
+    }
+  });
+}

@@ -247,7 +247,6 @@ function run(init: InputInit): void {
   function play(pcm: Pcm): boolean {
     const devCh = pcm.channels;
     const dec = new Int16Array(MAX_FRAME * decCh);
-    const mixed = new Int16Array(MAX_FRAME * Math.max(devCh, decCh));
     const resampler = pcm.rate === 48000 ? null : Resampler.create({
       channels: decCh,
       inRate: 48000,
@@ -255,7 +254,10 @@ function run(init: InputInit): void {
       quality: 5,
     });
     using _resampler = ctl.holding("resampler", resampler);
-    const resBuf = new Int16Array((resampler ? resampler.outputFramesFor(MAX_FRAME) : 1) * decCh);
+    const resFrames = resampler ? resampler.outputFramesFor(MAX_FRAME) : MAX_FRAME;
+    const resBuf = new Int16Array((resampler ? resFrames : 1) * decCh);
+    // Spread to the device's channels after resampling (the resampler works in the decoder's).
+    const mixed = new Int16Array(Math.max(MAX_FRAME, resFrames) * Math.max(devCh, decCh));
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
     const flat = init.pace === "flat";
     // The frame duration this device was opened for (period = one frame, buffer = three).
@@ -341,22 +343,24 @@ function run(init: InputInit): void {
         if (++endedIdle > 2) return true;
       }
 
-      // Channels, then rate.
-      let out = dec, outCh = decCh;
+      // Rate, in the decoder's channels (the resampler was made for them: fed a 4- or 6-channel
+      // device's spread samples, it miscounted frames and the write threw on every frame), then
+      // the device's channels.
+      let src = dec, frames = n;
+      if (resampler) {
+        const r = resampler.process(dec.subarray(0, n * decCh), resBuf);
+        src = resBuf;
+        frames = r.outFrames;
+      }
+      let out = src, outCh = decCh;
       if (devCh !== decCh) {
-        for (let i = 0; i < n; i++) {
+        for (let i = 0; i < frames; i++) {
           for (let c = 0; c < devCh; c++) {
-            mixed[i * devCh + c] = decCh === 1 ? dec[i]! : dec[i * 2 + Math.min(c, 1)]!;
+            mixed[i * devCh + c] = decCh === 1 ? src[i]! : src[i * 2 + Math.min(c, 1)]!;
           }
         }
         out = mixed;
         outCh = devCh;
-      }
-      let frames = n;
-      if (resampler) {
-        const r = resampler.process(out.subarray(0, n * outCh), resBuf);
-        out = resBuf;
-        frames = r.outFrames;
       }
       let written = 0;
       while (written < frames && !ctl.stopRequested) {
