@@ -268,7 +268,7 @@ export function validFrameSizes(rate: number): number[] {
 // ---------------------------------------------------------------------------------------------
 // Encoder.
 
-/** Every encoder setting a quality preset uses; all are set and read back through the encoder. */
+/** Every encoder setting a quality preset uses; each is set, and can be read back, through the encoder. */
 export interface EncoderSettings {
   /** Bits per second, 500 to 512000. */
   bitrate: number;
@@ -394,7 +394,7 @@ export class OpusEncoder extends NativeState {
     this.#frameSizes = validFrameSizes(sampleRate);
   }
 
-  /** Creates an encoder, optionally applying `settings` (each one read back). */
+  /** Creates an encoder, optionally applying `settings` (see {@link OpusEncoder.configure}). */
   static create(opts: EncoderOptions, settings?: Partial<EncoderSettings>): OpusEncoder {
     if (typeof opts !== "object" || opts === null) {
       throw new TypeError("Invalid encoder options: expected an object");
@@ -467,7 +467,11 @@ export class OpusEncoder extends NativeState {
     return n;
   }
 
-  /** Applies each given setting through `opus_encoder_ctl`, then checks it reads back. */
+  /**
+   * Applies each given setting through `opus_encoder_ctl`, every value validated before any
+   * reaches C. Nothing is read back here: {@link OpusEncoder.get} and `settings()` do that (the
+   * tests check every preset reads back as set).
+   */
   configure(settings: Partial<EncoderSettings>): void {
     if (typeof settings !== "object" || settings === null) {
       throw new TypeError("Invalid encoder settings: expected an object");
