@@ -24,7 +24,8 @@ Deno.test("compile embeds the workers and bakes in the permissions for both targ
   for (const inc of INCLUDES) assert.ok(Deno.statSync(`${repo}/${inc}`).isFile);
 });
 
-Deno.test("compile says what to set when denort cannot be had", async () => {
+/** Runs scripts/compile.ts with `args` and `env`: its exit code and standard error. */
+async function compile(args: string[], env: Record<string, string>) {
   const out = await new Deno.Command(Deno.execPath(), {
     args: [
       "run",
@@ -33,42 +34,31 @@ Deno.test("compile says what to set when denort cannot be had", async () => {
       "--allow-env",
       "--allow-run",
       "scripts/compile.ts",
-      "--target",
-      "aarch64-unknown-linux-gnu",
+      ...args,
       "--outdir",
       await Deno.makeTempDir(),
     ],
     cwd: repo,
-    env: { DENORT_BIN: "/nonexistent/denort" },
+    env,
     stdout: "piped",
     stderr: "piped",
   }).output();
-  const err = new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 1);
+  return { code: out.code, err: new TextDecoder().decode(out.stderr) };
+}
+
+Deno.test("compile says what to set when denort cannot be had", async () => {
+  const { code, err } = await compile(["--target", "aarch64-unknown-linux-gnu"], {
+    DENORT_BIN: "/nonexistent/denort",
+  });
+  assert.equal(code, 1);
   assert.match(err, /DENORT_BIN=\/nonexistent\/denort/);
 });
 
 Deno.test("compile for both targets does not hand one DENORT_BIN to both", async () => {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      "--allow-read",
-      "--allow-write",
-      "--allow-env",
-      "--allow-run",
-      "scripts/compile.ts",
-      "--outdir",
-      await Deno.makeTempDir(),
-    ],
-    cwd: repo,
-    // One runtime is for one target: inherited by both compiles, it built both from it (an
-    // x86-64 file named for aarch64).
-    env: { DENORT_BIN: "/nonexistent/denort-aarch64" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const err = new TextDecoder().decode(out.stderr);
-  assert.equal(out.code, 1);
+  // One runtime is for one target: inherited by both compiles, it built both from it (an
+  // x86-64 file named for aarch64).
+  const { code, err } = await compile([], { DENORT_BIN: "/nonexistent/denort-aarch64" });
+  assert.equal(code, 1);
   assert.doesNotMatch(err, /nonexistent\/denort-aarch64/);
   for (const target of Object.keys(TARGETS)) assert.match(err, new RegExp(`compile: ${target}\n`));
 });

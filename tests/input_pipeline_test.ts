@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { OpusEncoder } from "../ffi/opus.ts";
-import { AudioService } from "../lib/service.ts";
-import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
+import { AudioService, type ServiceOptions } from "../lib/service.ts";
+import { encoderSettings, frameSamples, MICROPHONE_PRESETS, type Preset } from "../lib/quality.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig } from "./alsa_devices.ts";
 import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
 import { sleep } from "./wait.ts";
@@ -27,22 +27,69 @@ function labelled(
 // sender on the wall clock: packets queue up, arrive "too early" or are dropped.
 const test = Deno.env.get("KVM_AUDIO_TEST_EMULATED") === "1" ? Deno.test.ignore : Deno.test;
 
+/**
+ * A microphone-only service playing into the file PCM `kvm_test_playback` (`outfile`, in `dir`);
+ * dispose `restore` to put the ALSA configuration back.
+ */
+async function playbackService(
+  dir: string,
+  options: Omit<ServiceOptions, "capture" | "playback">,
+): Promise<{ service: AudioService; outfile: string; restore: Disposable }> {
+  const outfile = `${dir}/out.raw`;
+  const cfg = await writeAlsaConfig(dir, { kvm_test_playback: { type: "file", outfile } });
+  const restore = useAlsaConfig(cfg);
+  const service = new AudioService({ capture: null, playback: "kvm_test_playback", ...options });
+  return { service, outfile, restore };
+}
+
+/**
+ * Pushes `seconds` of a `freq` Hz tone encoded at microphone preset `p`, one frame per packet, flat
+ * out — kept below the input ring's size by its backlog (a full ring would drop packets) — then
+ * waits until every packet is decoded (up to 10 s). Fails when the worker takes nothing for 20 s
+ * rather than wait forever. Returns the packet count.
+ */
+async function pushToneFlat(
+  service: AudioService,
+  p: Preset,
+  freq: number,
+  seconds: number,
+): Promise<number> {
+  const frame = frameSamples(p);
+  using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
+  const pcm = tone({ freq, frames: 48000 * seconds, amplitude: 0.4 });
+  const buf = new Uint8Array(1500);
+  const total = (48000 * seconds) / frame;
+  const deadline = Date.now() + 20_000;
+  let pushed = 0;
+  while (pushed < total) {
+    assert.ok(Date.now() < deadline, `only ${pushed} of ${total} packets taken`);
+    while (pushed < total && service.microphoneBacklog < 48) {
+      const n = enc.encode(pcm.subarray(pushed * frame, (pushed + 1) * frame), frame, buf);
+      assert.equal(
+        service.pushMicrophonePacket(buf.subarray(0, n), pushed & 0xffff, pushed * frame),
+        "queued",
+      );
+      pushed++;
+    }
+    await sleep(1);
+  }
+  const decoded = () => counter(service.metrics.toJSON(), "kvm_audio_input_packets_decoded_total");
+  for (let i = 0; i < 200 && decoded() < total; i++) await sleep(50);
+  return total;
+}
+
 for (const ppm of [300, -300]) {
   test(`input pipeline: jitter, reordering, 5 % loss, duplicates and ${ppm} ppm drift → the tone plays`, async () => {
     await using dir = await tempDir();
-    const outfile = `${dir.path}/out.raw`;
-    const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
-    using _cfg = useAlsaConfig(cfg);
-    const p = MICROPHONE_PRESETS.high;
-    const frame = frameSamples(p);
-    const seconds = 6;
-    const service = new AudioService({
-      capture: null,
-      playback: "kvm_test_playback",
+    const { service, outfile, restore } = await playbackService(dir.path, {
       microphonePreset: "high",
       pace: "clock",
       metricsIntervalMs: 100,
     });
+    using _ = restore;
+    const p = MICROPHONE_PRESETS.high;
+    const frame = frameSamples(p);
+    const seconds = 6;
     service.start();
 
     using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
@@ -150,14 +197,8 @@ for (const ppm of [300, -300]) {
 
 test("input pipeline: the sender switching from 20 ms to 10 ms frames mid-stream plays cleanly", async () => {
   await using dir = await tempDir();
-  const outfile = `${dir.path}/out.raw`;
-  const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
-  using _cfg = useAlsaConfig(cfg);
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_test_playback",
-    pace: "clock",
-  });
+  const { service, outfile, restore } = await playbackService(dir.path, { pace: "clock" });
+  using _ = restore;
   service.start();
   const pcm = tone({ freq: 523, frames: 48000 * 4, amplitude: 0.4 });
   const buf = new Uint8Array(1500);
@@ -200,42 +241,18 @@ test("input pipeline: the sender switching from 20 ms to 10 ms frames mid-stream
 // Flat pacing has no clock to keep: it runs under emulation too.
 Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets come → the tone, nothing concealed", async () => {
   await using dir = await tempDir();
-  const outfile = `${dir.path}/out.raw`;
-  const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
-  using _cfg = useAlsaConfig(cfg);
-  const p = MICROPHONE_PRESETS.ultra;
-  const frame = frameSamples(p);
-  const seconds = 8;
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_test_playback",
+  const { service, outfile, restore } = await playbackService(dir.path, {
     microphonePreset: "ultra",
     pace: "flat",
     metricsIntervalMs: 50,
   });
+  using _ = restore;
+  const p = MICROPHONE_PRESETS.ultra;
+  const frame = frameSamples(p);
+  const seconds = 8;
   service.start();
-  using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
-  const pcm = tone({ freq: 700, frames: 48000 * seconds, amplitude: 0.4 });
-  const buf = new Uint8Array(1500);
-  const total = (48000 * seconds) / frame;
-  // Flat out, kept below the ring's size by its backlog: a full ring would drop packets.
-  let pushed = 0;
-  while (pushed < total) {
-    while (pushed < total && service.microphoneBacklog < 48) {
-      const n = enc.encode(pcm.subarray(pushed * frame, (pushed + 1) * frame), frame, buf);
-      assert.equal(
-        service.pushMicrophonePacket(buf.subarray(0, n), pushed & 0xffff, pushed * frame),
-        "queued",
-      );
-      pushed++;
-    }
-    await sleep(1);
-  }
+  const total = await pushToneFlat(service, p, 700, seconds);
   let json = service.metrics.toJSON();
-  for (let i = 0; i < 200 && counter(json, "kvm_audio_input_packets_decoded_total") < total; i++) {
-    await sleep(50);
-    json = service.metrics.toJSON();
-  }
   await service.close();
   json = service.metrics.toJSON();
   assert.equal(counter(json, "kvm_audio_frames_dropped_total"), 0, "no packet dropped");
@@ -270,47 +287,18 @@ Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets 
 for (const [rate, channels] of [[44100, 4], [32000, 1], [44100, 6]] as const) {
   test(`input pipeline: a ${rate} Hz ${channels}-channel playback device gets the tone, resampled`, async () => {
     await using dir = await tempDir();
-    const outfile = `${dir.path}/out.raw`;
-    const cfg = await writeAlsaConfig(dir.path, { kvm_test_playback: { type: "file", outfile } });
-    using _cfg = useAlsaConfig(cfg);
-    const p = MICROPHONE_PRESETS.high;
-    const frame = frameSamples(p);
-    const seconds = 3;
-    const service = new AudioService({
-      capture: null,
-      playback: "kvm_test_playback",
+    const { service, outfile, restore } = await playbackService(dir.path, {
       playbackRate: rate,
       playbackChannels: channels,
       microphonePreset: "high",
       pace: "flat",
       metricsIntervalMs: 50,
     });
+    using _ = restore;
+    const frame = frameSamples(MICROPHONE_PRESETS.high);
+    const seconds = 3;
     service.start();
-    using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
-    const pcm = tone({ freq: 700, frames: 48000 * seconds, amplitude: 0.4 });
-    const buf = new Uint8Array(1500);
-    const total = (48000 * seconds) / frame;
-    let pushed = 0;
-    const deadline = Date.now() + 20_000;
-    while (pushed < total) {
-      // A worker that crashes on every frame takes nothing: fail, do not wait forever.
-      assert.ok(Date.now() < deadline, `only ${pushed} of ${total} packets taken`);
-      while (pushed < total && service.microphoneBacklog < 48) {
-        const n = enc.encode(pcm.subarray(pushed * frame, (pushed + 1) * frame), frame, buf);
-        service.pushMicrophonePacket(buf.subarray(0, n), pushed & 0xffff, pushed * frame);
-        pushed++;
-      }
-      await sleep(1);
-    }
-    let json = service.metrics.toJSON();
-    for (
-      let i = 0;
-      i < 200 && counter(json, "kvm_audio_input_packets_decoded_total") < total;
-      i++
-    ) {
-      await sleep(50);
-      json = service.metrics.toJSON();
-    }
+    const total = await pushToneFlat(service, MICROPHONE_PRESETS.high, 700, seconds);
     // Before, a device of more than two channels at another rate crashed the worker every frame.
     assert.equal(service.microphoneStatus().supervisor?.crashes, 0);
     await service.close();
