@@ -25,7 +25,7 @@ import { createApp } from "../routes/app.ts";
 import { webRoutes } from "../routes/web.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
-import { sleep } from "./wait.ts";
+import { sleep, until } from "./wait.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const haveChromium = (() => {
@@ -476,7 +476,20 @@ Deno.test({
         await tp.uncheck("#mute-mic");
         await waitForStats(tp, "talk packets again", (x) => x.talk.packetsSent >= muted + 50);
       }
-      await sleep(600); // two metrics snapshots
+      // Every packet the page sent has been counted by the service before `late` is read.
+      const sentNow = (await stats(tp)).talk.packetsSent;
+      const viaWebSocket = () =>
+        (service.metrics.toJSON().counters["kvm_audio_input_packets_received_total"] as Record<
+          string,
+          number
+        >)['transport="websocket"'] ?? 0;
+      const played = () =>
+        service.metrics.toJSON().counters["kvm_audio_input_frames_played_total"] as number;
+      await until("the service to count the page's packets", () => viaWebSocket() >= sentNow);
+      // Then a worker snapshot taken after the worker had taken them (snapshots every 200 ms;
+      // one 400 ms of playing later is past them).
+      const playedBefore = played();
+      await until("a later worker snapshot", () => played() >= playedBefore + 20);
       assert.equal(inputCounter("late"), lateBefore, "no packet after an unmute came late");
     });
 

@@ -195,18 +195,23 @@ Deno.test("main: a relative state file, and a saved running pipeline that a flag
       microphoneRunning: true,
     }),
   );
-  const l = Deno.listen({ hostname: "127.0.0.1", port: 0 });
-  const port = (l.addr as Deno.NetAddr).port;
-  l.close();
+  // Port 0: the service binds a free port and logs it (no window for another to take it).
   const child = runMain(
-    ["--no-output", "--no-mic", "--state-file", "state.json", "--listen", `127.0.0.1:${port}`],
+    ["--no-output", "--no-mic", "--state-file", "state.json", "--listen", "127.0.0.1:0"],
     dir.path,
   );
-  const output = Promise.all([
-    new Response(child.stdout).text(),
-    new Response(child.stderr).text(),
-  ]);
+  let log = "";
+  const collect = async (stream: ReadableStream<Uint8Array>) => {
+    for await (const text of stream.pipeThrough(new TextDecoderStream())) log += text;
+  };
+  const output = Promise.all([collect(child.stdout), collect(child.stderr)]);
+  let port = 0;
   try {
+    await until("the API's port in the log", () => {
+      const m = /API listening on http:\/\/127\.0\.0\.1:(\d+)/.exec(log);
+      if (m) port = Number(m[1]);
+      return port > 0;
+    }, 20_000);
     await until("the API", async () => {
       try {
         const r = await fetch(`http://127.0.0.1:${port}/healthz`);
@@ -231,9 +236,9 @@ Deno.test("main: a relative state file, and a saved running pipeline that a flag
   } finally {
     child.kill("SIGTERM");
   }
-  const [out, err] = await output;
-  assert.equal((await child.status).code, 0, out + err);
-  assert.match(out + err, /output disabled, preset low; microphone disabled/);
+  await output;
+  assert.equal((await child.status).code, 0, log);
+  assert.match(log, /output disabled, preset low; microphone disabled/);
 });
 
 Deno.test("the deployment environment file documents every setting", async () => {

@@ -4,7 +4,7 @@ import { AudioService, type ServiceOptions } from "../lib/service.ts";
 import { encoderSettings, frameSamples, MICROPHONE_PRESETS, type Preset } from "../lib/quality.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig } from "./alsa_devices.ts";
 import { channel, dominantFrequency, prng, rmsDb, tempDir, tone } from "./audio_util.ts";
-import { sleep } from "./wait.ts";
+import { sleep, until } from "./wait.ts";
 
 function counter(json: ReturnType<AudioService["metrics"]["toJSON"]>, name: string): number {
   const v = json.counters[name];
@@ -91,6 +91,9 @@ for (const ppm of [300, -300]) {
     const frame = frameSamples(p);
     const seconds = 6;
     service.start();
+    // The sender's clock starts once the worker runs: a worker slow to start (its module
+    // type-checked on a cold cache, about a second) met a second of queued packets.
+    await until("the microphone running", () => service.microphoneStatus().state === "running");
 
     using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
     const pcm = tone({ freq: 600, frames: 48000 * seconds, amplitude: 0.4 });
@@ -179,7 +182,10 @@ for (const ppm of [300, -300]) {
       accepted,
       `decoded ${decoded} + drift ${drift} + overflow ${overflow} + flushed ${flushed} + held ${held}`,
     );
-    assert.ok(decoded >= accepted * 0.9, `${decoded} of ${accepted} decoded`);
+    assert.ok(
+      decoded >= accepted * 0.9,
+      `${decoded} of ${accepted} decoded (drift ${drift}, overflow ${overflow}, flushed ${flushed})`,
+    );
     const fec = counter(json, "kvm_audio_input_frames_fec_total");
     const plc = labelled(json, "kvm_audio_input_frames_concealed_total", "loss");
     assert.ok(fec + plc >= lost * 0.8, `losses ${lost}, recovered ${fec} + concealed ${plc}`);
@@ -200,6 +206,7 @@ test("input pipeline: the sender switching from 20 ms to 10 ms frames mid-stream
   const { service, outfile, restore } = await playbackService(dir.path, { pace: "clock" });
   using _ = restore;
   service.start();
+  await until("the microphone running", () => service.microphoneStatus().state === "running");
   const pcm = tone({ freq: 523, frames: 48000 * 4, amplitude: 0.4 });
   const buf = new Uint8Array(1500);
   const t0 = performance.now();
