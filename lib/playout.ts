@@ -505,8 +505,7 @@ export class PlayoutBuffer {
     this.#lastDecided = NaN;
     this.#lastNextMs = NaN;
     this.#concealRun = 0;
-    this.#stats.lateWaits += this.#pendingWaits;
-    this.#pendingWaits = 0;
+    this.#settleWaitsAsLate();
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -704,10 +703,7 @@ export class PlayoutBuffer {
     if (this.#buffered === 0 && this.#concealRun < this.#maxConceal) {
       this.#concealRun++;
       this.#pendingWaits++;
-      this.#plc.seq = this.#head & SEQ_MASK;
-      this.#plc.reason = "late";
-      this.#updateDepth();
-      return this.#plc;
+      return this.#concealInPlace("late");
     }
     // With nothing to play or rebuild now, concealment is due anyway: below the drift band,
     // stretching (not consuming the missing sequence number) costs nothing more and lets it
@@ -719,10 +715,7 @@ export class PlayoutBuffer {
       if (stretch) this.#concealRun++;
       s.driftInserts++;
       s.smoothedDepth += 1;
-      this.#plc.seq = this.#head & SEQ_MASK;
-      this.#plc.reason = "drift";
-      this.#updateDepth();
-      return this.#plc;
+      return this.#concealInPlace("drift");
     }
 
     const head = this.#head;
@@ -743,8 +736,7 @@ export class PlayoutBuffer {
       decision = this.#fec;
     } else if (this.#concealRun >= this.#maxConceal) {
       this.#playing = false;
-      s.lateWaits += this.#pendingWaits;
-      this.#pendingWaits = 0;
+      this.#settleWaitsAsLate();
       s.state = "buffering";
       s.underruns++;
       s.idle++;
@@ -805,8 +797,7 @@ export class PlayoutBuffer {
     this.#history.fill(EMPTY);
     this.#lastDecided = NaN;
     this.#concealRun = 0;
-    this.#stats.lateWaits += this.#pendingWaits;
-    this.#pendingWaits = 0;
+    this.#settleWaitsAsLate();
     this.#probeSeq = EMPTY;
     this.#lateProbeSeq = EMPTY;
     this.#forgetTiming();
@@ -842,6 +833,20 @@ export class PlayoutBuffer {
     if (this.#buffered === 0) this.#highest = EMPTY;
     this.#lastDecided = head;
     this.#head = head + 1;
+  }
+
+  /** A concealment frame that consumes no sequence number: `seq` is still the next to play. */
+  #concealInPlace(reason: "drift" | "late"): PlcDecision {
+    this.#plc.seq = this.#head & SEQ_MASK;
+    this.#plc.reason = reason;
+    this.#updateDepth();
+    return this.#plc;
+  }
+
+  /** Counts the late waits not yet settled as waits (at an underrun, a resync or a reset). */
+  #settleWaitsAsLate(): void {
+    this.#stats.lateWaits += this.#pendingWaits;
+    this.#pendingWaits = 0;
   }
 
   /**

@@ -64,7 +64,9 @@ export function inputMetrics(r: Registry) {
     fec: r.counter("kvm_audio_input_frames_fec_total", "Lost frames recovered from in-band FEC"),
     concealed: r.counter(
       "kvm_audio_input_frames_concealed_total",
-      "Frames concealed by PLC: reason loss (a lost packet), drift (inserted to follow a slower sender or wait for a late packet), late (inserted while nothing was buffered, waiting for the next packet)",
+      "Frames concealed by PLC: reason loss (a lost packet), drift (inserted to follow a " +
+        "slower sender or wait for a late packet), late (inserted while nothing was buffered, " +
+        "waiting for the next packet)",
       ["reason"],
     ),
     silence: r.counter(
