@@ -31,6 +31,12 @@
  *   packet starts a new stream (RFC 3550 A.1 uses the same two-in-a-row probation). While
  *   buffering with an empty buffer, two consecutive `"late"` packets also resync, so a restart
  *   that jumps back by only a few sequence numbers is followed too.
+ * - A packet its caller marks as the first of a new stream (`push(…, newStream)`: a new talker
+ *   connection, a new RTP SSRC) resyncs at once, whatever its number. Without the mark a sender
+ *   that starts again from the numbers it used a moment ago (a page that counts from 0 on every
+ *   Talk) would have its packets taken for duplicates of the ones just played — up to a window's
+ *   worth, over a second of speech — before the probation above caught on. The old stream's
+ *   packets still buffered are flushed: the new sender replaces it.
  *
  * ## Start, depth and underruns
  * - `depth` is the number of frames from the playout point to the newest buffered packet,
@@ -522,11 +528,20 @@ export class PlayoutBuffer {
 
   /**
    * Offers one received packet: `seq` 16-bit sequence number, `timestamp` 32-bit RTP timestamp
-   * in 48 kHz ticks, `arrivalMs` its arrival time; `payload` is copied. Throws `TypeError` or
-   * `RangeError` for arguments of the wrong type or range (a programming error, unlike a
-   * malformed payload).
+   * in 48 kHz ticks, `arrivalMs` its arrival time; `payload` is copied. `newStream` says that the
+   * packet is the first of a new sender's stream (a new talker connection, a new RTP SSRC): its
+   * numbering has nothing to do with the last stream's, so the buffer resynchronises on it at
+   * once (see the module notes) instead of judging it against the old stream's numbers. Throws
+   * `TypeError` or `RangeError` for arguments of the wrong type or range (a programming error,
+   * unlike a malformed payload).
    */
-  push(seq: number, timestamp: number, arrivalMs: number, payload: Uint8Array): PushResult {
+  push(
+    seq: number,
+    timestamp: number,
+    arrivalMs: number,
+    payload: Uint8Array,
+    newStream = false,
+  ): PushResult {
     if (!(payload instanceof Uint8Array)) {
       throw new TypeError(`Invalid payload "${String(payload)}": expected a Uint8Array`);
     }
@@ -552,6 +567,8 @@ export class PlayoutBuffer {
     if (!this.#anchored) {
       this.#anchored = true;
       this.#head = EXT_BIAS + seq - this.#anchorSlack;
+    } else if (newStream) {
+      this.#resync(seq);
     }
     let ext = this.#extend(seq);
     const idleEmpty = !this.#playing && this.#buffered === 0;

@@ -26,6 +26,7 @@ import {
   type DeviceInfo,
   epochMs,
   FrameFlag,
+  INPUT_FLAG,
   INPUT_RING,
   type InputInit,
   ORPHAN,
@@ -677,13 +678,17 @@ export class AudioService implements AsyncDisposable {
   /**
    * Validates a received microphone packet and queues it for the input worker. A malformed packet
    * (empty, oversized, unparseable TOC, longer than 60 ms, bad sequence/timestamp) is counted and
-   * dropped; it never reaches the decoder.
+   * dropped; it never reaches the decoder. `newStream` marks the first packet of a new sender's
+   * stream (a new talker connection): the playout buffer starts over at its number instead of
+   * judging it against the previous sender's (see `PlayoutBuffer.push`). A caller whose marked
+   * packet was not queued should mark its next one.
    */
   pushMicrophonePacket(
     packet: Uint8Array,
     seq: number,
     timestamp: number,
     transport: "websocket" | "rtp" | "local" = "local",
+    newStream = false,
   ): PushResult {
     const m = this.#micSeries;
     m.received[transport].inc();
@@ -702,7 +707,7 @@ export class AudioService implements AsyncDisposable {
     slot.data.set(packet);
     slot.seq = seq;
     slot.samples = samples;
-    slot.flags = 0;
+    slot.flags = newStream ? INPUT_FLAG.newStream : 0;
     slot.t[0] = epochMs();
     slot.t[1] = timestamp;
     const before = p.ring.dropped;

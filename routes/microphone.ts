@@ -92,6 +92,8 @@ interface Talker {
   malformed: number;
   badText: number;
   hello: string;
+  /** No packet of this connection queued yet: the next one starts a new stream. */
+  fresh: boolean;
 }
 
 /** The talk stream's state: at most one talker (see the module notes). */
@@ -158,6 +160,7 @@ export class TalkChannel {
       malformed: 0,
       badText: 0,
       hello,
+      fresh: true,
     };
     socket.send(hello);
     log.info("Talker {id} connected ({label})", { id: this.#current.id, label: options.label });
@@ -203,12 +206,17 @@ export class TalkChannel {
       this.#m.malformed.inc(1, { reason: e.reason });
       return;
     }
+    // Each connection is a new stream: a page counts from 0 on every Talk, and a quick second
+    // Talk would otherwise send numbers the playout buffer has just played (taken for
+    // duplicates, a second of speech lost).
     const r = this.#service.pushMicrophonePacket(
       frame.payload,
       frame.seq & 0xffff,
       frame.timestamp,
       "websocket",
+      t.fresh,
     );
+    if (r === "queued") t.fresh = false;
     if (r === "malformed") t.malformed++;
   }
 

@@ -557,6 +557,68 @@ Deno.test("PlayoutBuffer prebuffers to the target, then chooses FEC when the nex
   assertPacketAccounting(s);
 });
 
+/**
+ * A talk session as the page sends it: packets numbered from `firstSeq`, timestamps from 0, one
+ * per frame on time from `fromMs`, with `next()` called once per frame; the first packet marked
+ * as a new stream when `mark`. Returns what was decided, by frame.
+ */
+function talkSession(
+  buf: PlayoutBuffer,
+  o: { firstSeq: number; frames: number; fromMs: number; mark: boolean; tagBase: number },
+): string[] {
+  const seen: string[] = [];
+  for (let i = 0; i < o.frames; i++) {
+    const at = o.fromMs + i * FRAME_MS;
+    const payload = new Uint8Array([0, (o.tagBase + i) & 0xff, 0x5a]);
+    buf.push((o.firstSeq + i) & 0xffff, i * FRAME_SAMPLES, at, payload, o.mark && i === 0);
+    seen.push(describe(buf.next(at + 1)));
+  }
+  return seen;
+}
+
+Deno.test("PlayoutBuffer: a new stream marked as such plays from its first packet, whatever its numbers", () => {
+  const buf = newBuffer({ initialDepth: 2, driftHoldMs: 1e6 });
+  // A page talks for a second (seq 0–49), stops, and talks again after half a second, counting
+  // from 0 again: the second session's numbers are ones the buffer has just played.
+  talkSession(buf, { firstSeq: 0, frames: 50, fromMs: 0, mark: true, tagBase: 0 });
+  for (let i = 0; i < 25; i++) buf.next(1000 + i * FRAME_MS + 1);
+  const before = buf.stats.played;
+  const seen = talkSession(buf, {
+    firstSeq: 0,
+    frames: 50,
+    fromMs: 1500,
+    mark: true,
+    tagBase: 100,
+  });
+  const s = buf.stats;
+  assert.equal(s.duplicate, 0, "no packet of the new session taken for an old one");
+  assert.equal(s.late, 0);
+  assert.equal(s.resyncs, 1);
+  // One frame waiting for the start-up depth, then every packet of the session in order.
+  assert.equal(seen[0], "idle");
+  assert.deepEqual(seen.slice(1), Array.from({ length: 49 }, (_, k) => `play ${k}:${100 + k}`));
+  assert.equal(s.played - before, 49);
+  assert.equal(s.buffered, 1, "the last one is still buffered");
+  assertPacketAccounting(s);
+});
+
+Deno.test("PlayoutBuffer: a new stream replaces what the old one still had buffered", () => {
+  const buf = newBuffer({ initialDepth: 2, driftHoldMs: 1e6 });
+  // An old sender's five packets arrive in a burst; a new sender (numbered far away) takes over
+  // before they have played.
+  for (let k = 0; k < 5; k++) pushAt(buf, 1000 + k, 0);
+  assert.equal(describe(buf.next(1)), "play 1000:232");
+  assert.equal(buf.push(7, 0, 25, tag(7), true), "accepted");
+  const s = buf.stats;
+  assert.equal(s.flushed, 4, "the old sender's four unplayed packets");
+  assert.equal(s.resyncs, 1);
+  assert.equal(describe(buf.next(21)), "idle", "buffering the new stream to its target depth");
+  assert.equal(pushAt(buf, 8, 45), "accepted");
+  assert.equal(describe(buf.next(41)), "play 7:7");
+  assert.equal(describe(buf.next(61)), "play 8:8");
+  assertPacketAccounting(s);
+});
+
 Deno.test("PlayoutBuffer classifies duplicate, late, too-early and malformed packets", () => {
   const buf = newBuffer({ capacity: 16, maxPacketBytes: 100, driftHoldMs: 1e6 });
   assert.equal(pushAt(buf, 100), "accepted");

@@ -920,6 +920,43 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
   assert.ok(Math.abs(f - 500) < 6, `dominant frequency ${f.toFixed(1)} Hz`);
 });
 
+Deno.test("RTP in: a new sender (new SSRC) numbered as the last one was plays from its first packet", async () => {
+  await using dir = await tempDir();
+  const { service, alsa } = await microphoneService(dir.path, 50);
+  using _cfg = alsa;
+  const json = () => service.metrics.toJSON();
+  const socket = await udpSender();
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 30, amplitude: 0.4 }));
+    // Sender 5 sends 30 packets numbered 100–129; 300 ms later sender 6 sends the same numbers:
+    // ones the playout buffer has just played, duplicates had they come from the old sender.
+    for (const ssrc of [5, 6]) {
+      const first = 100;
+      for (let i = 0; i < 30; i++) {
+        const header = { payloadType: 111, sequence: first + i, timestamp: i * 960, ssrc };
+        await socket.send(writeRtp(header, opus[i]!), receiver.port);
+        await sleep(20);
+      }
+      await sleep(300);
+    }
+    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
+    const result = (r: string) => counter(json(), "kvm_audio_input_packets_total", `result="${r}"`);
+    await waitFor("both senders' packets decoded", () => decoded() >= 60).catch((e: Error) => {
+      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
+    });
+    assert.equal(result("accepted"), 60);
+    assert.equal(result("duplicate") + result("late"), 0);
+    assert.equal(receiver.stats.ssrcChanges, 1);
+    await receiver.close();
+  } finally {
+    await socket.close();
+    await service.close();
+  }
+});
+
 Deno.test("RTP in: a socket the input worker might still be reading is left open, not closed under it", async () => {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 100);

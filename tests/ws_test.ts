@@ -483,6 +483,59 @@ Deno.test("talk stream: a talker's packets play as the tone", async () => {
   assert.ok(Math.abs(rmsDb(mid) - want) < 2, `level ${rmsDb(mid)} vs ${want}`);
 });
 
+Deno.test("talk stream: a second Talk numbered from 0 again plays from its first packet", async () => {
+  await using dir = await tempDir();
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_ws_playback: { type: "file", outfile: `${dir.path}/out.raw` },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  await using service = new AudioService({
+    capture: null,
+    playback: "kvm_ws_playback",
+    microphonePreset: "high",
+    pace: "clock",
+    metricsIntervalMs: 100,
+  });
+  service.start();
+  await until("the microphone pipeline", () => service.microphoneStatus().running);
+  await using server = serve(service);
+  const p = MICROPHONE_PRESETS.high;
+  const frames = 25;
+  // Two Talk sessions of half a second, each counting from 0 (as the page does), 300 ms apart:
+  // the second one's numbers are ones the service has just played.
+  for (const freq of [500, 800]) {
+    await using client = new WsClient(server.url("/api/microphone/stream"));
+    await client.opened;
+    await until("the hello", () => client.texts.length >= 1);
+    using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
+    const pcm = tone({ freq, frames: 960 * frames, amplitude: 0.4 });
+    const buf = new Uint8Array(1500);
+    const t0 = performance.now();
+    for (let i = 0; i < frames; i++) {
+      const n = enc.encode(pcm.subarray(i * 960, (i + 1) * 960), 960, buf);
+      client.ws.send(encodeFrame(
+        { flags: i === 0 ? 2 : 0, channels: 1, seq: i, timestamp: i * 960 },
+        buf.subarray(0, n),
+      ));
+      const due = t0 + (i + 1) * 20 - performance.now();
+      if (due > 0) await sleep(due);
+    }
+    await sleep(300);
+  }
+  const json = () => service.metrics.toJSON();
+  const result = (r: string) => labelled(json(), "kvm_audio_input_packets_total", `result="${r}"`);
+  const decoded = () => {
+    const v = json().counters["kvm_audio_input_packets_decoded_total"];
+    return typeof v === "number" ? v : 0;
+  };
+  await until("both sessions decoded", () => decoded() >= 2 * frames, 5000).catch((e) => {
+    throw new Error(`${e.message}: ${JSON.stringify(json().counters)}`);
+  });
+  assert.equal(result("accepted"), 2 * frames);
+  assert.equal(result("duplicate"), 0, "no packet of the second session taken for the first's");
+  assert.equal(result("late"), 0);
+});
+
 Deno.test("talk stream: one talker at a time, takeover, malformed messages counted and dropped", async () => {
   await using dir = await tempDir();
   const cfg = await writeAlsaConfig(dir.path, {

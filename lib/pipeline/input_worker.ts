@@ -39,7 +39,7 @@ import { FrameRing, type ReadSlot } from "../frame_ring.ts";
 import { Registry } from "../metrics.ts";
 import { PlayoutBuffer } from "../playout.ts";
 import { frameSamples, MICROPHONE_PRESETS, PRESET_NAMES } from "../quality.ts";
-import { CONTROL, epochMs, type InputInit } from "./messages.ts";
+import { CONTROL, epochMs, INPUT_FLAG, type InputInit } from "./messages.ts";
 import { inputMetrics, microphoneMalformedSeries, transportMetrics } from "./pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./microphone_packet.ts";
 import { readRtp, RTP_MALFORMED_REASONS, RTP_STATS, rtpMetrics } from "../transport/rtp_header.ts";
@@ -95,6 +95,8 @@ function run(init: InputInit): void {
   const liveSince = epochMs();
   const datagram = new Uint8Array(65_535); // the largest UDP payload: nothing is cut
   let rtpSocket: UdpSocket | null = null;
+  /** The next valid RTP packet starts a new stream (a new SSRC was seen; see `takeRtp`). */
+  let rtpNewStream = false;
   const rtpSeries = (() => {
     const t = transportMetrics(registry);
     return {
@@ -128,12 +130,14 @@ function run(init: InputInit): void {
 
   /** Hands a claimed packet to the playout buffer as arriving at `arrivalMs`. */
   function accept(slot: ReadSlot, arrivalMs: number): void {
-    take(slot.data, slot.seq, slot.t[1]! >>> 0, slot.samples, arrivalMs, slot.t[0]!);
+    const newStream = (slot.flags & INPUT_FLAG.newStream) !== 0;
+    take(slot.data, slot.seq, slot.t[1]! >>> 0, slot.samples, arrivalMs, slot.t[0]!, newStream);
   }
 
   /**
    * Hands a packet to the playout buffer (which copies it) as arriving at `arrivalMs`; it was
-   * received at `receivedAt` (the start of its received→played stage).
+   * received at `receivedAt` (the start of its received→played stage). `newStream`: the first
+   * packet of a new sender (see `PlayoutBuffer.push`).
    */
   function take(
     data: Uint8Array,
@@ -142,13 +146,14 @@ function run(init: InputInit): void {
     samples: number,
     arrivalMs: number,
     receivedAt: number,
+    newStream: boolean,
   ): void {
     if (samples !== frame && samples > 0 && samples <= MAX_FRAME) {
       frame = samples;
       playout.setFrameSamples(samples);
     }
     const seq = seq16 & 0xffff;
-    const r = playout.push(seq, timestamp, arrivalMs, data);
+    const r = playout.push(seq, timestamp, arrivalMs, data, newStream);
     results[r].inc();
     if (r === "accepted") arrival[seq] = receivedAt;
   }
@@ -210,12 +215,17 @@ function run(init: InputInit): void {
     }
     const p = r.packet;
     const ssrc = p.ssrc | 0;
+    // A new SSRC is a new sender: its first valid packet starts a new stream in the playout
+    // buffer (its numbers have nothing to do with the last sender's). So does the first packet
+    // after another transport's (a WebSocket talker's) or this receiver's first.
     if (Atomics.load(rtpStats, RTP_STATS.hasSsrc) === 0) {
       Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
       Atomics.store(rtpStats, RTP_STATS.hasSsrc, 1);
+      rtpNewStream = true;
     } else if (Atomics.load(rtpStats, RTP_STATS.ssrc) !== ssrc) {
       Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
       Atomics.add(rtpStats, RTP_STATS.ssrcChanges, 1);
+      rtpNewStream = true;
     }
     Atomics.add(rtpStats, RTP_STATS.accepted, 1);
     rtpSeries.received.inc();
@@ -225,7 +235,8 @@ function run(init: InputInit): void {
       rtpSeries.malformed[samples].inc();
       return;
     }
-    take(p.payload, p.sequence, p.timestamp, samples, arrivalMs, arrivalMs);
+    take(p.payload, p.sequence, p.timestamp, samples, arrivalMs, arrivalMs, rtpNewStream);
+    rtpNewStream = false;
   }
 
   /**

@@ -15,8 +15,8 @@
  *   `snd_pcm_delay`), `t[1]` = encode done, `t[2]` = RTP timestamp (48 kHz ticks, uint32),
  *   `t[3]` = channels of the packet.
  * - **Input ring** (main → worker): one received Opus packet per slot. `seq` = RTP/WebSocket
- *   sequence number (uint16), `t[0]` = arrival time, `t[1]` = media timestamp (48 kHz ticks,
- *   uint32). The worker copies it into its playout buffer at once.
+ *   sequence number (uint16), `flags` = {@link INPUT_FLAG} bits, `t[0]` = arrival time, `t[1]` =
+ *   media timestamp (48 kHz ticks, uint32). The worker copies it into its playout buffer at once.
  *
  * All times are epoch milliseconds ({@link epochMs}), comparable across threads.
  *
@@ -29,6 +29,15 @@ import type { PresetName } from "../quality.ts";
 export { epochMs, FrameFlag } from "../frame_ring.ts";
 import type { FrameRing } from "../frame_ring.ts";
 export type { FrameRing };
+
+/** Bits of an input ring slot's `flags` (pipeline bits start at 8, see {@link FrameFlag}). */
+export const INPUT_FLAG = {
+  /**
+   * The packet is the first of a new sender's stream (a new talker connection): the playout
+   * buffer resynchronises on it (`PlayoutBuffer.push`, `newStream`).
+   */
+  newStream: 1 << 8,
+} as const;
 
 /** Pipeline control words (after the supervisor's generic words 0–7). */
 export const CONTROL = {

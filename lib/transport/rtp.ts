@@ -30,8 +30,10 @@
  *   senders differ (browsers and Janus use 111, ffmpeg 97). Static payload types are never Opus.
  * - **RTCP on the RTP port** (RFC 5761 multiplexing, second byte 192–223) is recognised, checked
  *   for a sane length and ignored (`kvm_audio_rtp_rtcp_ignored_total`), not counted as malformed.
- * - **A new SSRC** (a new sender) is passed straight through: the playout buffer resynchronises
- *   on the sequence jump. Changes are counted in the receiver's stats.
+ * - **A new SSRC** (a new sender): its first valid packet starts a new stream in the playout
+ *   buffer (flushing what the old sender still had buffered), whatever its sequence number — a
+ *   new sender numbered like the old one is not taken for duplicates. Changes are counted in the
+ *   receiver's stats.
  * - Every datagram the receiving socket delivers ends up in exactly one place: the service's
  *   `received{transport="rtp"}` (valid RTP; the service may then still refuse the Opus payload and
  *   count it under its own `malformed` reasons), `malformed{reason="rtp"}` (invalid RTP), or the
