@@ -613,6 +613,27 @@ Deno.test("OpenAPI 3.1 document lists every route the app serves", async () => {
   }
 });
 
+Deno.test("OpenAPI: the talk hello's schema names exactly what the service tells talkers", async () => {
+  await using service = disabledService();
+  const app = createApp(service);
+  const doc = (await call(app, "GET", "/openapi.json")).json as {
+    components: { schemas: Record<string, { required: string[] }> };
+  };
+  const r = await call(app, "GET", "/api/microphone/quality");
+  assert.equal(r.status, 200);
+  const send = (r.json as { send: Record<string, unknown> }).send;
+  assert.deepEqual(
+    Object.keys(send).sort(),
+    [...doc.components.schemas.talkHello!.required].sort(),
+  );
+  // Everything a native client needs to set its encoder as the preset is.
+  const p = MICROPHONE_PRESETS.high;
+  assert.deepEqual(
+    [send.bitrate, send.complexity, send.signal, send.maxBandwidth, send.vbrConstraint],
+    [p.bitrate, p.complexity, p.signal, p.maxBandwidth, p.vbrConstraint],
+  );
+});
+
 Deno.test("GET /api/audio/sdp: the session version goes up with every change it describes", async () => {
   await using service = new AudioService({ capture: null, playback: null, outputPreset: "high" });
   const app = createApp(service, {

@@ -126,12 +126,12 @@ interface PageStats {
   talk: {
     active: boolean;
     connected: boolean;
-    hello: { preset: string; frameMs: number } | null;
+    hello: { preset: string; frameMs: number; signal?: string } | null;
     packetsSent: number;
     encodeErrors: number;
     microphoneRate: number | null;
     captureRate: number | null;
-    encoder: { sampleRate: number; opus: { frameDuration: number } } | null;
+    encoder: { sampleRate: number; opus: { frameDuration: number; signal?: string } } | null;
     captured: AudioSummary;
   };
 }
@@ -430,6 +430,8 @@ Deno.test({
       assert.equal(s.talk.microphoneRate, 44100, "Chromium's fake microphone runs at 44.1 kHz");
       assert.equal(s.talk.encoder?.sampleRate, 48000);
       assert.equal(s.talk.encoder?.opus.frameDuration, 20_000);
+      assert.equal(s.talk.hello?.signal, "voice");
+      assert.equal(s.talk.encoder?.opus.signal, "voice", "the encoder tuned as the hello says");
       const captured = s.talk.captured.frequency!;
       assert.ok(Math.abs(captured - TALK_HZ) / TALK_HZ < 0.01, `captured ${captured} Hz`);
 

@@ -446,6 +446,11 @@ Deno.test("talk stream: a talker's packets play as the tone", async () => {
       ["hello", "opus", 1, 20, 960, "high"],
     );
     assert.equal(hello.fec, true);
+    assert.deepEqual(
+      [hello.signal, hello.maxBandwidth, hello.vbrConstraint],
+      [p.signal, p.maxBandwidth, p.vbrConstraint],
+    );
+    assert.deepEqual([hello.signal, hello.maxBandwidth], ["voice", "fullband"]);
     assert.equal(hello.bitrate, p.bitrate);
     assert.equal(hello.running, true);
 

@@ -833,7 +833,7 @@ class Talker {
         usedtx: !!hello.dtx,
         useinbandfec: !!hello.fec,
         packetlossperc: hello.packetLossPerc ?? 0,
-        signal: "voice",
+        signal: hello.signal ?? "voice",
         application: APPLICATIONS[hello.application] ?? "voip",
       },
     };

@@ -224,6 +224,16 @@ export interface TalkHello {
   readonly application: string;
   readonly complexity: number;
   readonly vbr: boolean;
+  /** Constrained VBR (`OPUS_SET_VBR_CONSTRAINT`). */
+  readonly vbrConstraint: boolean;
+  /** Signal type to tune the encoder for (`OPUS_SET_SIGNAL`). */
+  readonly signal: "auto" | "voice" | "music";
+  /**
+   * Widest audio bandwidth to code (`OPUS_SET_MAX_BANDWIDTH`): "narrowband", "mediumband",
+   * "wideband", "superwideband" or "fullband". WebCodecs has no such setting (a browser codes what
+   * its bitrate allows); native clients should set it.
+   */
+  readonly maxBandwidth: string;
   readonly dtx: boolean;
   /** Send in-band forward error correction. */
   readonly fec: boolean;
