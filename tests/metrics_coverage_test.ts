@@ -86,6 +86,8 @@ const COVERED: Readonly<Record<string, string>> = {
   'kvm_audio_frames_dropped_total{reason="microphone_stopped"}':
     "a packet after POST /api/microphone/stop",
   'kvm_audio_frames_dropped_total{reason="input_ring_full"}': "200 packets pushed at once",
+  'kvm_audio_frames_dropped_total{reason="rtp_other_source"}':
+    "an RTP packet of another SSRC while one plays",
   'kvm_audio_frames_dropped_total{reason="listener_slow"}': "a TCP peer that never reads",
   'kvm_audio_connection_drops_total{transport="websocket"}': "the stalled peer closed as too slow",
   'kvm_audio_input_packets_received_total{transport="local"}': "pushMicrophonePacket",
@@ -570,11 +572,13 @@ Deno.test({
           const send = (b: Uint8Array) => socket.send(b, receiver.port);
           try {
             await send(writeRtp({ payloadType: 111, sequence: 7, timestamp: 960, ssrc: 9 }, good));
+            await send(writeRtp({ payloadType: 111, sequence: 9, timestamp: 0, ssrc: 10 }, good));
             await send(new Uint8Array([0x80, 111, 0]));
             await send(new Uint8Array([0x80, 201, 0, 1, 0, 0, 0, 9]));
             await moved(service, 'kvm_audio_input_packets_received_total{transport="rtp"}');
             await moved(service, 'kvm_audio_input_packets_malformed_total{reason="rtp"}');
             await moved(service, "kvm_audio_rtp_rtcp_ignored_total");
+            await moved(service, 'kvm_audio_frames_dropped_total{reason="rtp_other_source"}');
           } finally {
             await socket.close();
             await receiver.close();

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { configure, type LogRecord, reset } from "@logtape/logtape";
 import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { AudioService } from "../lib/service.ts";
 import { encoderSettings, frameSamples, MICROPHONE_PRESETS } from "../lib/quality.ts";
@@ -186,4 +187,59 @@ Deno.test("paced playback follows the packets' frame duration: 10, 40, 60 and 20
     assert.equal(period(), frame, `the device reopened for ${ms} ms frames`);
   }
   assert.equal(service.microphoneStatus().supervisor?.crashes, 0);
+});
+
+Deno.test("paced playback: a stray packet of another frame duration, rejected as late, does not reopen the device", async () => {
+  const opens: unknown[] = [];
+  await configure({
+    sinks: {
+      memory: (r: LogRecord) => {
+        if (String(r.rawMessage).includes("device {name} open")) opens.push(r.properties);
+      },
+    },
+    loggers: [
+      { category: ["kvm-audio", "service"], lowestLevel: "info", sinks: ["memory"] },
+      { category: ["logtape", "meta"], lowestLevel: "warning", sinks: [] },
+    ],
+    reset: true,
+  });
+  try {
+    await using pulse = await startPulse();
+    using _env = pulse.use();
+    await using service = new AudioService({
+      capture: null,
+      playback: pulse.pcm.playback,
+      microphonePreset: "high",
+      metricsIntervalMs: 100,
+    });
+    service.start();
+    await until("the microphone running", () => service.microphoneStatus().state === "running");
+    using enc = OpusEncoder.create({ channels: 1, application: "voip" });
+    using enc10 = OpusEncoder.create({ channels: 1, application: "voip" });
+    const signal = tone({ freq: 600, frames: 48000 * 6, amplitude: 0.4 });
+    const packet = new Uint8Array(1500);
+    const t0 = performance.now();
+    let opensBefore = 0;
+    for (let i = 0; i < 250; i++) {
+      while (performance.now() - t0 < i * 20) await sleep(2);
+      const n = enc.encode(signal.subarray(i * 960, (i + 1) * 960), 960, packet);
+      service.pushMicrophonePacket(packet.slice(0, n), i, i * 960, "local");
+      if (i === 200) {
+        // Half-way to the next packet: one 10 ms packet numbered 150, played long ago.
+        opensBefore = opens.length;
+        while (performance.now() - t0 < i * 20 + 10) await sleep(1);
+        const m = enc10.encode(signal.subarray(0, 480), 480, packet);
+        assert.equal(service.pushMicrophonePacket(packet.slice(0, m), 150, 150 * 960), "queued");
+      }
+    }
+    await sleep(300);
+    const c = service.metrics.toJSON().counters;
+    const late = (c["kvm_audio_input_packets_total"] as Record<string, number>)['result="late"'];
+    assert.ok(opensBefore >= 1);
+    assert.equal(opens.length, opensBefore, `device opened again: ${JSON.stringify(opens)}`);
+    assert.equal(late, 1, "the stray was rejected as late");
+    assert.equal(service.microphoneStatus().obtained?.periodFrames, 960);
+  } finally {
+    await reset();
+  }
 });

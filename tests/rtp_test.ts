@@ -957,6 +957,109 @@ Deno.test("RTP in: a new sender (new SSRC) numbered as the last one was plays fr
   }
 });
 
+Deno.test("RTP in: a straggler of the replaced sender or a stray datagram of another SSRC costs the new sender nothing", async () => {
+  await using dir = await tempDir();
+  const { service, alsa } = await microphoneService(dir.path, 50);
+  using _cfg = alsa;
+  const json = () => service.metrics.toJSON();
+  const socket = await udpSender();
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 31, amplitude: 0.4 }));
+    const send = (ssrc: number, sequence: number, i: number, payload = opus[i]!) =>
+      socket.send(
+        writeRtp(
+          { payloadType: 111, sequence, timestamp: (ssrc * 100_000 + i * 960) >>> 0, ssrc },
+          payload,
+        ),
+        receiver.port,
+      );
+    for (let i = 0; i < 30; i++) {
+      await send(5, 100 + i, i);
+      await sleep(20);
+    }
+    await sleep(300);
+    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
+    await waitFor("the first sender played", () => decoded() === 30);
+    const flushed0 = counter(json(), "kvm_audio_input_flushed_total");
+    // Sender 6 takes over (sender 5 has been quiet for 300 ms). Among its packets: a late packet of
+    // sender 5, one of a stray SSRC 8, and a datagram of SSRC 7 that is not Opus.
+    for (let i = 0; i < 30; i++) {
+      if (i === 3) await send(5, 130, 30);
+      if (i === 6) await send(8, 7, 0);
+      if (i === 9) await send(7, 1, 0, new Uint8Array([0x03]));
+      await send(6, 5000 + i, i);
+      await sleep(20);
+    }
+    await waitFor("the new sender played", () => decoded() >= 60).catch((e: Error) => {
+      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
+    });
+    assert.equal(counter(json(), "kvm_audio_input_flushed_total"), flushed0, "nothing flushed");
+    const stats = receiver.stats;
+    assert.equal(stats.ssrcChanges, 1);
+    assert.equal(stats.ssrc, 6);
+    assert.equal(stats.otherSource, 2, "the straggler and the stray");
+    assert.equal(
+      counter(json(), "kvm_audio_frames_dropped_total", 'reason="rtp_other_source"'),
+      2,
+    );
+    assert.equal(counter(json(), "kvm_audio_input_packets_malformed_total", 'reason="toc"'), 1);
+    await receiver.close();
+  } finally {
+    await socket.close();
+    await service.close();
+  }
+});
+
+Deno.test("RTP in: a sender's packets after a WebSocket talker's start a new stream, and the other way round", async () => {
+  await using dir = await tempDir();
+  const { service, alsa } = await microphoneService(dir.path, 50);
+  using _cfg = alsa;
+  const json = () => service.metrics.toJSON();
+  const socket = await udpSender();
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 60, amplitude: 0.4 }));
+    const rtp = async (from: number, to: number) => {
+      for (let i = from; i < to; i++) {
+        await socket.send(
+          writeRtp({ payloadType: 111, sequence: i, timestamp: i * 960, ssrc: 5 }, opus[i]!),
+          receiver.port,
+        );
+        await sleep(20);
+      }
+      await sleep(250);
+    };
+    // RTP numbered 0–29; a talker (as the talk route pushes: its first packet marked) 0–59; RTP
+    // again, its numbers going on: 30–59, which the talker has just played; the talker again.
+    await rtp(0, 30);
+    for (let i = 0; i < 60; i++) {
+      service.pushMicrophonePacket(opus[i]!, i, i * 960, "websocket", i === 0);
+      await sleep(20);
+    }
+    await sleep(250);
+    await rtp(30, 60);
+    for (let i = 30; i < 60; i++) {
+      service.pushMicrophonePacket(opus[i]!, i + 1000, i * 960, "websocket");
+      await sleep(20);
+    }
+    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
+    const result = (r: string) => counter(json(), "kvm_audio_input_packets_total", `result="${r}"`);
+    await waitFor("every packet played", () => decoded() >= 150).catch((e: Error) => {
+      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
+    });
+    assert.equal(result("duplicate") + result("late") + result("too-early"), 0);
+    await receiver.close();
+  } finally {
+    await socket.close();
+    await service.close();
+  }
+});
+
 Deno.test("RTP in: a socket the input worker might still be reading is left open, not closed under it", async () => {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 100);

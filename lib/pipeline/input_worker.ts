@@ -47,6 +47,14 @@ import { ClockPacer, lastWords, MetricsPoster, runDevice, WorkerControl } from "
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
+/**
+ * How long the RTP source playing must have been quiet before another SSRC takes over at its
+ * first packet (a sender restarted with a new SSRC). Longer than a network's jitter, so that a
+ * straggler does not; shorter than a restart usually takes. A DTX sender is quiet for up to
+ * 400 ms, so a foreign packet then takes over — and the sender's next two packets take it back.
+ */
+const RTP_SOURCE_QUIET_MS = 200;
+
 /** Brings a counter up to a total the playout buffer keeps. */
 function syncCounter(c: { value(): number; inc(n: number): void }, total: number): void {
   const have = c.value();
@@ -95,8 +103,17 @@ function run(init: InputInit): void {
   const liveSince = epochMs();
   const datagram = new Uint8Array(65_535); // the largest UDP payload: nothing is cut
   let rtpSocket: UdpSocket | null = null;
-  /** The next valid RTP packet starts a new stream (a new SSRC was seen; see `takeRtp`). */
-  let rtpNewStream = false;
+  /**
+   * The RTP source playing now (see `takeRtp`): its SSRC (null: none yet), when its last packet
+   * came, the SSRC it replaced, and another source's last packet (a takeover candidate).
+   */
+  let rtpSource: number | null = null;
+  let rtpSourceAt = -Infinity;
+  let rtpReplaced: number | null = null;
+  let rtpCandidate: number | null = null;
+  let rtpCandidateSeq = -1;
+  /** Where the last packet taken came from: the ring (WebSocket, local) or RTP (null: none). */
+  let lastFrom: "ring" | "rtp" | null = null;
   const rtpSeries = (() => {
     const t = transportMetrics(registry);
     return {
@@ -104,6 +121,7 @@ function run(init: InputInit): void {
       bytes: t.receivedBytes,
       invalid: t.malformed.labels({ reason: "rtp" }),
       stale: t.dropped.labels({ reason: "microphone_stopped" }),
+      otherSource: t.dropped.labels({ reason: "rtp_other_source" }),
       rtcp: rtpMetrics(registry).rtcpIgnored,
       malformed: microphoneMalformedSeries(t),
     };
@@ -128,9 +146,14 @@ function run(init: InputInit): void {
     ctl.state = "stopped";
   }
 
-  /** Hands a claimed packet to the playout buffer as arriving at `arrivalMs`. */
+  /**
+   * Hands a claimed packet to the playout buffer as arriving at `arrivalMs`. A new stream when
+   * its sender marked it so (a new talker connection) or when RTP played last: the two
+   * transports' numbers have nothing to do with each other.
+   */
   function accept(slot: ReadSlot, arrivalMs: number): void {
-    const newStream = (slot.flags & INPUT_FLAG.newStream) !== 0;
+    const newStream = (slot.flags & INPUT_FLAG.newStream) !== 0 || lastFrom === "rtp";
+    lastFrom = "ring";
     take(slot.data, slot.seq, slot.t[1]! >>> 0, slot.samples, arrivalMs, slot.t[0]!, newStream);
   }
 
@@ -148,14 +171,18 @@ function run(init: InputInit): void {
     receivedAt: number,
     newStream: boolean,
   ): void {
+    const seq = seq16 & 0xffff;
+    const r = playout.push(seq, timestamp, arrivalMs, data, newStream);
+    results[r].inc();
+    if (r !== "accepted") return;
+    arrival[seq] = receivedAt;
+    // Only a packet the buffer took may change the frame duration (and so reopen the device): a
+    // stray of another length rejected as late or duplicate reopened it twice, and the stall
+    // overflowed the input ring.
     if (samples !== frame && samples > 0 && samples <= MAX_FRAME) {
       frame = samples;
       playout.setFrameSamples(samples);
     }
-    const seq = seq16 & 0xffff;
-    const r = playout.push(seq, timestamp, arrivalMs, data, newStream);
-    results[r].inc();
-    if (r === "accepted") arrival[seq] = receivedAt;
   }
 
   /** Takes every queued packet and datagram; true once the ring ended and is empty. */
@@ -214,19 +241,6 @@ function run(init: InputInit): void {
       return;
     }
     const p = r.packet;
-    const ssrc = p.ssrc | 0;
-    // A new SSRC is a new sender: its first valid packet starts a new stream in the playout
-    // buffer (its numbers have nothing to do with the last sender's). So does the first packet
-    // after another transport's (a WebSocket talker's) or this receiver's first.
-    if (Atomics.load(rtpStats, RTP_STATS.hasSsrc) === 0) {
-      Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
-      Atomics.store(rtpStats, RTP_STATS.hasSsrc, 1);
-      rtpNewStream = true;
-    } else if (Atomics.load(rtpStats, RTP_STATS.ssrc) !== ssrc) {
-      Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
-      Atomics.add(rtpStats, RTP_STATS.ssrcChanges, 1);
-      rtpNewStream = true;
-    }
     Atomics.add(rtpStats, RTP_STATS.accepted, 1);
     rtpSeries.received.inc();
     rtpSeries.bytes.inc(p.payload.length);
@@ -235,8 +249,40 @@ function run(init: InputInit): void {
       rtpSeries.malformed[samples].inc();
       return;
     }
-    take(p.payload, p.sequence, p.timestamp, samples, arrivalMs, arrivalMs, rtpNewStream);
-    rtpNewStream = false;
+    const ssrc = p.ssrc | 0;
+    let newSource = false;
+    if (ssrc !== rtpSource) {
+      // Another SSRC is another sender. It takes over — its first packet starting a new stream
+      // in the playout buffer, whatever its numbers — when no source played yet, when the
+      // current one has been quiet for RTP_SOURCE_QUIET_MS (a restarted sender), or when it
+      // sends two packets in sequence (its first is then dropped). A single stray packet (a
+      // straggler of the sender just replaced, which may only come back the second way, or
+      // another's) is dropped: taken as a new stream it flushed the current sender's buffer,
+      // and the current sender's next packet flushed it again.
+      const quiet = arrivalMs - rtpSourceAt >= RTP_SOURCE_QUIET_MS && ssrc !== rtpReplaced;
+      const follows = ssrc === rtpCandidate && p.sequence === ((rtpCandidateSeq + 1) & 0xffff);
+      if (rtpSource !== null && !quiet && !follows) {
+        rtpCandidate = ssrc;
+        rtpCandidateSeq = p.sequence;
+        Atomics.add(rtpStats, RTP_STATS.otherSource, 1);
+        rtpSeries.otherSource.inc();
+        return;
+      }
+      if (Atomics.load(rtpStats, RTP_STATS.hasSsrc) === 0) {
+        Atomics.store(rtpStats, RTP_STATS.hasSsrc, 1);
+      } else if (Atomics.load(rtpStats, RTP_STATS.ssrc) !== ssrc) {
+        Atomics.add(rtpStats, RTP_STATS.ssrcChanges, 1);
+      }
+      Atomics.store(rtpStats, RTP_STATS.ssrc, ssrc);
+      rtpReplaced = rtpSource;
+      rtpSource = ssrc;
+      rtpCandidate = null;
+      newSource = true;
+    }
+    rtpSourceAt = arrivalMs;
+    const newStream = newSource || lastFrom !== "rtp";
+    lastFrom = "rtp";
+    take(p.payload, p.sequence, p.timestamp, samples, arrivalMs, arrivalMs, newStream);
   }
 
   /**

@@ -30,10 +30,16 @@
  *   senders differ (browsers and Janus use 111, ffmpeg 97). Static payload types are never Opus.
  * - **RTCP on the RTP port** (RFC 5761 multiplexing, second byte 192–223) is recognised, checked
  *   for a sane length and ignored (`kvm_audio_rtp_rtcp_ignored_total`), not counted as malformed.
- * - **A new SSRC** (a new sender): its first valid packet starts a new stream in the playout
- *   buffer (flushing what the old sender still had buffered), whatever its sequence number — a
- *   new sender numbered like the old one is not taken for duplicates. Changes are counted in the
- *   receiver's stats.
+ * - **One source at a time.** Another SSRC (another sender) takes over from the one playing when
+ *   no source played yet, when the one playing has been quiet for 200 ms (a sender restarted with
+ *   a new SSRC), or when it sends two packets in sequence (its first is then dropped). Until then
+ *   its packets are dropped and counted (`otherSource`, `frames_dropped_total{reason=
+ *   "rtp_other_source"}`): a straggler of the sender just replaced (which can come back only the
+ *   second way) or a stray datagram costs nothing. The first packet of a source that takes over
+ *   starts a new stream in the playout buffer (flushing what the old one still had buffered),
+ *   whatever its sequence number — a sender numbered like the old one is not taken for
+ *   duplicates; so does the first RTP packet after a WebSocket talker's, and the other way round.
+ *   Takeovers are counted in the receiver's stats (`ssrcChanges`).
  * - Every datagram the receiving socket delivers ends up in exactly one place: the service's
  *   `received{transport="rtp"}` (valid RTP; the service may then still refuse the Opus payload and
  *   count it under its own `malformed` reasons), `malformed{reason="rtp"}` (invalid RTP), or the
@@ -531,10 +537,16 @@ export interface RtpReceiverStats {
    * (also counted as `frames_dropped_total{reason="microphone_stopped"}`).
    */
   readonly stale: number;
-  /** Times the SSRC changed after the first packet. */
+  /** Times another SSRC took over from the one playing. */
   readonly ssrcChanges: number;
-  /** SSRC of the latest valid packet; null before the first. */
+  /** SSRC of the source playing (the latest to take over); null before the first. */
   readonly ssrc: number | null;
+  /**
+   * Valid packets (of those `accepted`) of another SSRC dropped while one played: a straggler of
+   * a replaced sender, or a second sender that has not taken over (see the module notes; also
+   * counted as `frames_dropped_total{reason="rtp_other_source"}`).
+   */
+  readonly otherSource: number;
 }
 
 /**
@@ -638,6 +650,7 @@ export class RtpReceiver implements AsyncDisposable {
       stale: at(RTP_STATS.stale),
       ssrcChanges: at(RTP_STATS.ssrcChanges),
       ssrc: at(RTP_STATS.hasSsrc) === 0 ? null : at(RTP_STATS.ssrc) >>> 0,
+      otherSource: at(RTP_STATS.otherSource),
     };
   }
 

@@ -310,7 +310,8 @@ export const RTP_MALFORMED_REASONS: readonly RtpMalformedReason[] = [
 /**
  * Int32 words of the block in which the thread reading RTP input counts it, for `RtpReceiver.stats`
  * on another thread: datagrams read, valid RTP, RTCP ignored, stale datagrams dropped unread, SSRC
- * changes, the latest SSRC (as int32) and whether there is one, then one word per
+ * changes, the SSRC playing (as int32) and whether there is one, packets of another SSRC dropped
+ * while one played, then one word per
  * {@link RTP_MALFORMED_REASONS} entry.
  */
 export const RTP_STATS = {
@@ -321,7 +322,8 @@ export const RTP_STATS = {
   ssrcChanges: 4,
   ssrc: 5,
   hasSsrc: 6,
-  malformed: 7,
+  otherSource: 7,
+  malformed: 8,
 } as const;
 
 /** Bytes of an {@link RTP_STATS} block. */
