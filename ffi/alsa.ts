@@ -355,6 +355,8 @@ export class Pcm implements Disposable {
   #spuriousWakeups = 0;
   #polls = 0;
   #suspends = 0;
+  /** In a suspend already counted, not yet seen to end (see {@link Pcm.suspends}). */
+  #inSuspend = false;
   readonly #delayOut = new BigInt64Array(1);
   readonly #delayWords = new Int32Array(this.#delayOut.buffer);
   #pfds = new Uint8Array(0);
@@ -452,7 +454,11 @@ export class Pcm implements Disposable {
     return this.#xruns;
   }
 
-  /** Suspends recovered so far (`-ESTRPIPE`). */
+  /**
+   * Suspends met so far (`-ESTRPIPE`), each counted when first reported — while the device is
+   * still suspended — so that a caller can tell capture stood still (and for how long, by the
+   * clock) from the first transfer after it.
+   */
   get suspends(): number {
     return this.#suspends;
   }
@@ -474,6 +480,7 @@ export class Pcm implements Disposable {
     const pcm = this.#handle("snd_pcm_readi");
     if (n === 0) return 0;
     const rc = Number(alsa().snd_pcm_readi(pcm, buf, this.#big(n)));
+    if (rc > 0) this.#inSuspend = false;
     return rc >= 0 ? rc : this.#recoverOrThrow("snd_pcm_readi", rc);
   }
 
@@ -489,6 +496,7 @@ export class Pcm implements Disposable {
     const pcm = this.#handle("snd_pcm_writei");
     if (n === 0) return 0;
     const rc = Number(alsa().snd_pcm_writei(pcm, buf, this.#big(n)));
+    if (rc > 0) this.#inSuspend = false;
     return rc >= 0 ? rc : this.#recoverOrThrow("snd_pcm_writei", rc);
   }
 
@@ -767,10 +775,14 @@ export class Pcm implements Disposable {
     if (rc === -ESTRPIPE) {
       // snd_pcm_recover would sleep until the device resumes, without a bound: resume once and,
       // if the device is still suspended, report "nothing transferred" so the caller retries.
+      if (!this.#inSuspend) {
+        this.#inSuspend = true;
+        this.#suspends++;
+      }
       const resumed = c.snd_pcm_resume(pcm);
       if (resumed === -EAGAIN) return 0;
       if (resumed < 0) check(c.snd_pcm_prepare(pcm), "snd_pcm_prepare", this.name);
-      this.#suspends++;
+      this.#inSuspend = false;
       return 0;
     }
     throw new AlsaError(fn, rc, this.name);

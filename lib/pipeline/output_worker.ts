@@ -193,10 +193,11 @@ function run(init: OutputInit): void {
     const flat = init.pace === "flat";
     const periodMs = (period / pcm.rate) * 1000;
     let xruns = pcm.xruns;
+    let suspends = pcm.suspends;
     // Frames were muted or unheard since the encoder last ran.
     let skipped = false;
     // Capture (re)starts here, maybe after a gap: a reopened device, a restarted worker. Then, and
-    // after an overrun, the RTP timestamp follows the wall clock over the gap (RFC 3550: it
+    // after an overrun or a suspend, the RTP timestamp follows the wall clock over the gap (RFC 3550: it
     // counts sampling instants), so that a receiver sees a jump (the RTP marker, the WebSocket
     // discontinuity flag) rather than audio that runs late by the gap. Not with flat pacing: it
     // has no clock.
@@ -220,6 +221,11 @@ function run(init: OutputInit): void {
       if (pcm.xruns !== xruns) {
         m.xruns.inc(pcm.xruns - xruns);
         xruns = pcm.xruns;
+        resumed = !flat;
+      }
+      if (pcm.suspends !== suspends) {
+        // A system or USB suspend: capture stood still for as long (not an xrun: not counted).
+        suspends = pcm.suspends;
         resumed = !flat;
       }
       if (n === 0) continue;
