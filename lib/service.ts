@@ -517,17 +517,22 @@ export class AudioService implements AsyncDisposable {
    * Sets the output preset. Codec settings change on the running encoder (`"live"`); a change
    * of channels, frame duration or application builds a new encoder at a frame boundary
    * (`"rebuilt"`). When the pipeline is not running the choice is only stored (`"stored"`).
+   * "live" or "rebuilt" is judged against the preset the worker encodes with at the call — not
+   * the one chosen last: two quick changes (high → low → medium) reach the worker as one, from
+   * high to medium, live.
    */
   setOutputPreset(name: unknown): PresetChange {
     const next = getPreset("output", name);
     const prev = OUTPUT_PRESETS[this.#state.outputPreset];
     if (next === prev) return "unchanged";
+    const encoding = this.appliedOutputPreset;
     this.#state.outputPreset = next.name;
     this.#save();
     this.#writeControlWords();
     this.#changed();
     if (!this.#output?.wanted) return "stored";
-    return needsNewEncoder(prev, next) ? "rebuilt" : "live";
+    const from = encoding === null ? prev : OUTPUT_PRESETS[encoding];
+    return needsNewEncoder(from, next) ? "rebuilt" : "live";
   }
 
   /**

@@ -5,7 +5,7 @@ import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
 import { useCaptureFile } from "./alsa_devices.ts";
 import { toneOutputService } from "./output_service.ts";
-import { until } from "./net_util.ts";
+import { sleep, until } from "./net_util.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {
@@ -184,6 +184,36 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
   const pcm = decodeStereo(c.packets);
   assert.ok(Math.abs(dominantFrequency(channel(pcm, 2).subarray(4800), 48000) - 440) < 5);
 });
+
+Deno.test(
+  "output pipeline: the second of two quick quality changes is answered as the worker applies it",
+  {
+    ignore: EMULATED,
+  },
+  async () => {
+    await using dir = await tempDir();
+    await using out = await toneOutputService(dir.path, { freq: 440, seconds: 10 }, {
+      outputPreset: "high",
+    });
+    const service = out.service;
+    const [c, listener] = collector();
+    service.subscribe(listener);
+    service.start();
+    await until("frames", () => c.seqs.length > 5, 10_000);
+    const before = service.outputPresetChanges;
+    // high → low needs a new encoder (mono), but before the worker gets to it the choice is
+    // medium: it goes from high to medium, a live change.
+    const answers = [service.setOutputPreset("low"), service.setOutputPreset("medium")];
+    await until("the worker applied medium", () => service.appliedOutputPreset === "medium", 5000);
+    await sleep(100);
+    const after = service.outputPresetChanges;
+    const did = { live: after.live - before.live, rebuilt: after.rebuilt - before.rebuilt };
+    // The first answer was right when given (from high, low needs a new encoder); the second is
+    // what the worker did: one live change (before, "rebuilt", judged against low).
+    assert.deepEqual(answers, ["rebuilt", "live"]);
+    assert.deepEqual(did, { live: 1, rebuilt: 0 });
+  },
+);
 
 Deno.test("live preset change reads back from a running encoder", () => {
   // The worker applies presets with OpusEncoder.configure, which reads each value back;
