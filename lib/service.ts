@@ -30,6 +30,7 @@ import {
   INPUT_RING,
   type InputInit,
   ORPHAN,
+  ORPHAN_KINDS,
   type OrphanKind,
   orphanSlots,
   OUTPUT_RING,
@@ -164,8 +165,6 @@ function workerUrl(name: "output_worker" | "input_worker"): string {
     ? new URL(`./pipeline/${name}.ts`, here).href
     : new URL(`./lib/pipeline/${name}.js`, here).href;
 }
-
-const ORPHAN_KINDS = Object.keys(ORPHAN) as OrphanKind[];
 
 const WORKER_URLS = { output: workerUrl("output_worker"), input: workerUrl("input_worker") };
 

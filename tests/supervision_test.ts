@@ -140,6 +140,30 @@ Deno.test("a stalled output worker is terminated, its device, encoder and resamp
   // (Deno itself keeps a few event-loop descriptors per terminated worker; not ours to close.)
 });
 
+Deno.test("a stalled output worker stopped and started again at once: what it held is freed", async () => {
+  await using dir = await tempDir();
+  const { service, restore } = await outputService(dir.path, { rate: 44100 });
+  using _ = restore;
+  let count = 0;
+  service.subscribe(() => count++);
+  service.start();
+  await until("first packets", () => count > 10);
+  Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.stall);
+  await sleep(50);
+  // An operator's stop (the stalled worker is terminated after the grace period) and start at
+  // once: the new worker starts within the 150 ms before the old one's objects are freed.
+  await service.stopOutput();
+  service.startOutput();
+  const c = count;
+  await until("audio after the start", () => count > c + 10);
+  await sleep(300);
+  assert.deepEqual(service.orphansReleased("output"), { pcm: 1, codec: 1, resampler: 1 });
+  assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+  await service.close();
+  await sleep(300);
+  assert.equal(await deviceFds(dir.path), 0);
+});
+
 Deno.test("a stalled input worker is terminated, its device and decoder freed, and restarted", async () => {
   await using dir = await tempDir();
   const cfg = await writeAlsaConfig(dir.path, {

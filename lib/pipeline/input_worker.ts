@@ -68,6 +68,7 @@ function syncSeries(c: { readonly value: number; inc(n: number): void }, total: 
 
 function run(init: InputInit): void {
   const ctl = new WorkerControl(init);
+  ctl.waitForOrphansFreed();
   // A predecessor terminated mid-read left the RTP busy flag raised; this worker is the reader now.
   Atomics.store(ctl.words, CONTROL.rtpBusy, 0);
   const ring = FrameRing.attach(init.ring);

@@ -103,6 +103,8 @@ export function lastFrameAtCell(control: SharedArrayBuffer): Float64Array {
 /** The slots of {@link orphanSlots}: what a worker may leave behind. */
 export const ORPHAN = { pcm: 0, codec: 1, resampler: 2 } as const;
 export type OrphanKind = keyof typeof ORPHAN;
+/** Every {@link OrphanKind}. */
+export const ORPHAN_KINDS = Object.keys(ORPHAN) as OrphanKind[];
 
 /** The control block's 64-bit view of {@link CONTROL.orphans}, indexed by {@link ORPHAN}. */
 export function orphanSlots(control: SharedArrayBuffer): BigInt64Array {

@@ -120,6 +120,7 @@ function run(init: OutputInit): void {
   let captured48 = 0;
   const maxSamples = init.maxSamples ?? Infinity;
 
+  ctl.waitForOrphansFreed();
   let preset = presetFromControl(ctl);
   let generation = ctl.get(CONTROL.generation);
   let encoder = OpusEncoder.create(

@@ -13,6 +13,7 @@ import {
   CONTROL,
   FAULT,
   ORPHAN,
+  ORPHAN_KINDS,
   type OrphanKind,
   orphanSlots,
   type PipelineInit,
@@ -83,6 +84,24 @@ export class WorkerControl {
   /** Writes a pipeline word. */
   set(word: number, value: number): void {
     Atomics.store(this.words, word, value);
+  }
+
+  /**
+   * Waits at most `timeoutMs` until the orphan slots hold no native object of a predecessor; call
+   * it first, before creating or opening anything. A worker terminated while stalled leaves its
+   * tokens there, and the service frees them 150 ms after the termination, once the old thread is
+   * surely out of every C call — but only tokens still in the slots (a live worker may have
+   * released one meanwhile). A successor started sooner (an operator's stop and start within
+   * 150 ms) published its own over them, and the old device, encoder and resampler were never
+   * freed. Returns whether the slots are clear (false after the timeout or a stop request).
+   */
+  waitForOrphansFreed(timeoutMs = 500): boolean {
+    const end = performance.now() + timeoutMs;
+    for (;;) {
+      if (ORPHAN_KINDS.every((k) => Atomics.load(this.#orphans, ORPHAN[k]) === 0n)) return true;
+      if (performance.now() >= end || this.stopRequested) return false;
+      this.sleep(5);
+    }
   }
 
   /** Sleeps up to `ms`, beating every 50 ms and waking early on a stop request. */
