@@ -72,6 +72,50 @@ const MAX_RATE = 384000;
 const MIN_PERIOD_FRAMES = 16;
 /** Longest wait/drain timeout accepted, in milliseconds. */
 const MAX_TIMEOUT_MS = 60_000;
+/** ALSA channel positions (`enum snd_pcm_chmap_position`, in its order). */
+export const CHANNEL_POSITIONS = [
+  "UNKNOWN",
+  "NA",
+  "MONO",
+  "FL",
+  "FR",
+  "RL",
+  "RR",
+  "FC",
+  "LFE",
+  "SL",
+  "SR",
+  "RC",
+  "FLC",
+  "FRC",
+  "RLC",
+  "RRC",
+  "FLW",
+  "FRW",
+  "FLH",
+  "FCH",
+  "FRH",
+  "TC",
+  "TFL",
+  "TFR",
+  "TFC",
+  "TRL",
+  "TRR",
+  "TRC",
+  "TFLC",
+  "TFRC",
+  "TSL",
+  "TSR",
+  "LLFE",
+  "RLFE",
+  "BC",
+  "BLC",
+  "BRC",
+] as const;
+
+/** One channel's position. */
+export type ChannelPosition = (typeof CHANNEL_POSITIONS)[number];
+
 /** Sleep between two attempts to resume a suspended PCM inside {@link Pcm.wait}, ms. */
 const SUSPEND_POLL_MS = 20;
 
@@ -203,6 +247,8 @@ const symbols = {
   // register are exact for a frame count or a negative errno on x86_64 and aarch64 (eax/w0).
   // snd_pcm_sframes_t snd_pcm_avail_update(snd_pcm_t *pcm);
   snd_pcm_avail_update: { parameters: ["pointer"], result: "i32" },
+  // snd_pcm_chmap_t *snd_pcm_get_chmap(snd_pcm_t *pcm);   malloc'd {unsigned channels; pos[]}
+  snd_pcm_get_chmap: { parameters: ["pointer"], result: "pointer" },
   // int snd_pcm_delay(snd_pcm_t *pcm, snd_pcm_sframes_t *delayp);
   snd_pcm_delay: { parameters: ["pointer", "buffer"], result: "i32" },
   // int snd_pcm_htimestamp(snd_pcm_t *pcm, snd_pcm_uframes_t *avail, snd_htimestamp_t *tstamp);
@@ -592,6 +638,27 @@ export class Pcm implements Disposable {
   avail(): number {
     const rc = Number(alsa().snd_pcm_avail_update(this.#handle("snd_pcm_avail_update")));
     return rc >= 0 ? rc : this.#recoverOrThrow("snd_pcm_avail_update", rc);
+  }
+
+  /**
+   * The device's channel positions (`snd_pcm_get_chmap`), one per channel; null when the device
+   * reports none (file PCMs, most plugins) or a map of another channel count.
+   */
+  channelMap(): ChannelPosition[] | null {
+    const map = alsa().snd_pcm_get_chmap(this.#handle("snd_pcm_get_chmap"));
+    if (map === null) return null;
+    try {
+      const view = new Deno.UnsafePointerView(map);
+      const n = view.getUint32(0);
+      if (n !== this.channels) return null;
+      return Array.from({ length: n }, (_, i) => {
+        // The low 16 bits are the position; above them, flags (phase inverse, driver specific).
+        const p = view.getUint32(4 + 4 * i) & 0xffff;
+        return CHANNEL_POSITIONS[p] ?? "UNKNOWN";
+      });
+    } finally {
+      libc().free(map);
+    }
   }
 
   /**

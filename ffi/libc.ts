@@ -31,6 +31,8 @@ const symbols = {
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
   // int clock_gettime(clockid_t clk, struct timespec *tp);
   clock_gettime: { parameters: ["i32", "buffer"], result: "i32" },
+  // void free(void *ptr);   for what libasound allocates for its caller (snd_pcm_get_chmap)
+  free: { parameters: ["pointer"], result: "void" },
   // int close(int fd);
   close: { parameters: ["i32"], result: "i32" },
   // int *__errno_location(void);   the calling thread's errno

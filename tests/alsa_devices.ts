@@ -95,7 +95,14 @@ const STANDARD_PCMS = [
  *   (e.g. "unix:/tmp/x/pulse.sock"): paced like hardware.
  */
 export type PcmDefinition =
-  | { type: "file"; infile?: string; outfile?: string; slave?: string }
+  | {
+    type: "file";
+    infile?: string;
+    outfile?: string;
+    slave?: string;
+    /** Channel positions the (null) slave reports, e.g. "FC,FL,FR,RL,RR,LFE". */
+    chmap?: string;
+  }
   | { type: "pulse"; server: string; device: string };
 
 /** A written ALSA configuration. */
@@ -143,9 +150,12 @@ export function alsaConfigText(pcms: Readonly<Record<string, PcmDefinition>>): s
         throw new TypeError(`Invalid file PCM ${JSON.stringify(name)}: expected infile or outfile`);
       }
       lines.push("  type file");
+      const chmap = def.chmap === undefined
+        ? ""
+        : ` chmap [ ${configString("channel map", def.chmap)} ]`;
       lines.push(
         def.slave === undefined
-          ? "  slave.pcm { type null }"
+          ? `  slave.pcm { type null${chmap} }`
           : `  slave.pcm ${configString("slave PCM", pcmName(def.slave))}`,
       );
       // The plugin insists on an output file; capture-only PCMs discard theirs.

@@ -3,7 +3,7 @@ import { OpusDecoder, OpusEncoder } from "../ffi/opus.ts";
 import { AudioService, type EncodedFrame } from "../lib/service.ts";
 import { CONTROL } from "../lib/pipeline/messages.ts";
 import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "../lib/quality.ts";
-import { useCaptureFile } from "./alsa_devices.ts";
+import { useAlsaConfig, useCaptureFile, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { toneOutputService } from "./output_service.ts";
 import { sleep, until } from "./net_util.ts";
 import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
@@ -214,6 +214,77 @@ Deno.test(
     assert.deepEqual(did, { live: 1, rebuilt: 0 });
   },
 );
+
+/**
+ * Decodes what the output pipeline makes of `samples` (a `devCh`-channel capture at 48 kHz) at
+ * `preset`: the left channel's level and frequency, and the right's level.
+ */
+async function throughOutput(
+  samples: Int16Array,
+  devCh: number,
+  preset: "low" | "high",
+  chmap?: string,
+): Promise<{ leftDb: number; rightDb: number; freq: number }> {
+  await using dir = await tempDir();
+  await writeRaw(`${dir.path}/in.raw`, samples);
+  using _cfg = useAlsaConfig(
+    await writeAlsaConfig(dir.path, {
+      kvm_test_capture: {
+        type: "file",
+        infile: `${dir.path}/in.raw`,
+        ...(chmap === undefined ? {} : { chmap }),
+      },
+    }),
+  );
+  const frames = samples.length / devCh;
+  await using service = new AudioService({
+    capture: "kvm_test_capture",
+    playback: null,
+    captureChannels: devCh,
+    outputPreset: preset,
+    pace: "flat",
+    maxCaptureSamples: frames,
+  });
+  const [c, listener] = collector();
+  service.subscribe(listener);
+  service.start();
+  await until("the input ended", () => service.outputStatus().supervisor?.lastExit === "ended");
+  await service.close();
+  const pcm = decodeStereo(c.packets);
+  const left = channel(pcm, 2).subarray(4800), right = channel(pcm, 2, 1).subarray(4800);
+  return { leftDb: rmsDb(left), rightDb: rmsDb(right), freq: dominantFrequency(left, 48000) };
+}
+
+/** A 1 kHz tone at 0.4 in the given channels of a `devCh`-channel capture, 1 s. */
+function toneIn(devCh: number, channels: number[]): Int16Array {
+  const one = tone({ freq: 1000, frames: 48000, amplitude: 0.4 });
+  const out = new Int16Array(48000 * devCh);
+  for (let i = 0; i < 48000; i++) for (const c of channels) out[i * devCh + c] = one[i]!;
+  return out;
+}
+
+Deno.test("output pipeline: a multichannel device is downmixed by its channel positions", {
+  ignore: EMULATED,
+}, async () => {
+  const stereo = await throughOutput(toneIn(2, [0, 1]), 2, "high");
+  // A stereo programme on a 6-channel device (ALSA's 5.1 order): the same level at the stereo
+  // and the mono preset as on a stereo device (mono averaged all six: 9.5 dB lower).
+  for (const preset of ["high", "low"] as const) {
+    const r = await throughOutput(toneIn(6, [0, 1]), 6, preset);
+    assert.ok(Math.abs(r.freq - 1000) < 5, `${preset}: ${r.freq} Hz`);
+    assert.ok(Math.abs(r.leftDb - stereo.leftDb) < 1, `${preset}: ${r.leftDb} vs ${stereo.leftDb}`);
+  }
+  // The centre channel (the dialogue of a 5.1 film) is heard in both stereo channels at −3 dB
+  // (it was dropped) — found by the device's channel map, here with the centre first.
+  const centre = await throughOutput(toneIn(6, [0]), 6, "high", "FC,FL,FR,RL,RR,LFE");
+  assert.ok(Math.abs(centre.freq - 1000) < 5, `${centre.freq} Hz`);
+  for (const db of [centre.leftDb, centre.rightDb]) {
+    assert.ok(Math.abs(db - (stereo.leftDb - 3)) < 1, `${db} vs ${stereo.leftDb} − 3`);
+  }
+  // The same tone in the LFE channel (last in 5.1) is not heard.
+  const lfe = await throughOutput(toneIn(6, [5]), 6, "high");
+  assert.ok(lfe.leftDb < -60, `LFE heard at ${lfe.leftDb} dBFS`);
+});
 
 Deno.test("live preset change reads back from a running encoder", () => {
   // The worker applies presets with OpusEncoder.configure, which reads each value back;

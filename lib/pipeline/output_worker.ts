@@ -61,32 +61,7 @@ import {
 } from "./worker_common.ts";
 import { outputMetrics, transportMetrics } from "./pipeline_metrics.ts";
 import { RtpOutput, RtpOutTable } from "../transport/rtp_out.ts";
-
-/** Copies `frames` frames from `src` (srcCh interleaved) to `dst` (dstCh), mixing as needed. */
-function mixChannels(
-  src: Int16Array,
-  srcCh: number,
-  dst: Int16Array,
-  dstCh: number,
-  frames: number,
-): void {
-  if (srcCh === dstCh) {
-    dst.set(src.subarray(0, frames * srcCh));
-  } else if (dstCh === 1) {
-    for (let i = 0; i < frames; i++) {
-      let sum = 0;
-      for (let c = 0; c < srcCh; c++) sum += src[i * srcCh + c]!;
-      dst[i] = Math.round(sum / srcCh);
-    }
-  } else {
-    // dstCh === 2: mono duplicated, or the first two of many channels.
-    for (let i = 0; i < frames; i++) {
-      const l = src[i * srcCh]!;
-      dst[2 * i] = l;
-      dst[2 * i + 1] = srcCh === 1 ? l : src[i * srcCh + 1]!;
-    }
-  }
-}
+import { defaultChannelMap, downmixMatrix, mixFrames } from "./downmix.ts";
 
 function presetFromControl(ctl: WorkerControl): Preset {
   const name = PRESET_NAMES[ctl.get(CONTROL.preset)] ?? "high";
@@ -174,6 +149,10 @@ function run(init: OutputInit): void {
   function capture(pcm: Pcm): boolean {
     const devCh = pcm.channels;
     const period = pcm.periodFrames;
+    // To the preset's channels by the device's channel positions (see downmix.ts).
+    const positions = pcm.channelMap() ?? defaultChannelMap(devCh);
+    const toMono = downmixMatrix(positions, 1);
+    const toStereo = downmixMatrix(positions, 2);
     const capBuf = new Int16Array(period * devCh);
     const resampler = pcm.rate === 48000 ? null : Resampler.create({
       channels: devCh,
@@ -280,9 +259,13 @@ function run(init: OutputInit): void {
           skipped = false;
           const ch = preset.channels;
           if (frameView.length !== fs * devCh) frameView = acc.subarray(0, fs * devCh);
-          const pcmIn = devCh === ch
-            ? (start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh))
-            : (mixChannels(acc.subarray(start * devCh), devCh, enc, ch, fs), enc);
+          let pcmIn = enc;
+          if (devCh === ch) {
+            pcmIn = start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh);
+          } else {
+            const matrix = ch === 1 ? toMono : toStereo;
+            mixFrames(acc.subarray(start * devCh), enc, fs, matrix, ch === 1 ? 1 : 2);
+          }
           // Into a ring slot when the main thread has listeners, else into the worker's own buffer.
           const slot = listeners > 0 ? ring.reserve() : null;
           const out = slot ? slot.data : unpublished;
