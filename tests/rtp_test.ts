@@ -1013,6 +1013,52 @@ Deno.test("RTP in: a straggler of the replaced sender or a stray datagram of ano
   }
 });
 
+Deno.test("RTP in: of two senders at once the first keeps playing; the second takes over when it stops", async () => {
+  await using dir = await tempDir();
+  const { service, alsa } = await microphoneService(dir.path, 50);
+  using _cfg = alsa;
+  const json = () => service.metrics.toJSON();
+  const socket = await udpSender();
+  try {
+    service.start();
+    const receiver = await RtpReceiver.listen(service, { port: 0 });
+    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
+    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 60, amplitude: 0.4 }));
+    const send = (ssrc: number, sequence: number, i: number) =>
+      socket.send(
+        writeRtp(
+          { payloadType: 111, sequence, timestamp: (ssrc * 7777 + i * 960) >>> 0, ssrc },
+          opus[i]!,
+        ),
+        receiver.port,
+      );
+    // Sender 5: 60 packets, 20 ms apart. Sender 6 (a leftover ffmpeg, say) starts at the 20th,
+    // half a period later, and sends 60 — its last 20 after sender 5 stopped.
+    for (let k = 0; k < 80; k++) {
+      if (k < 60) await send(5, k, k);
+      await sleep(10);
+      if (k >= 20) await send(6, 1000 + k - 20, k - 20);
+      await sleep(10);
+    }
+    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
+    await sleep(400);
+    await waitFor("the snapshot", () => receiver.stats.datagrams === 120);
+    const stats = receiver.stats;
+    // Sender 5 was heard whole, sender 6 from 200 ms after sender 5 stopped: its packets before
+    // are dropped and counted, none flushed sender 5's (each takeover flushed the other's before,
+    // and neither was heard).
+    assert.equal(counter(json(), "kvm_audio_input_flushed_total"), 0);
+    assert.equal(stats.ssrcChanges, 1);
+    assert.equal(stats.ssrc, 6);
+    assert.ok(stats.otherSource >= 40 && stats.otherSource <= 52, `${stats.otherSource} dropped`);
+    await waitFor("what was taken played", () => decoded() === 120 - stats.otherSource);
+    await receiver.close();
+  } finally {
+    await socket.close();
+    await service.close();
+  }
+});
+
 Deno.test("RTP in: a sender's packets after a WebSocket talker's start a new stream, and the other way round", async () => {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 50);

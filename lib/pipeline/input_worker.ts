@@ -173,8 +173,13 @@ function run(init: InputInit): void {
     newStream: boolean,
   ): void {
     const seq = seq16 & 0xffff;
+    const resyncs = playout.stats.resyncs;
     const r = playout.push(seq, timestamp, arrivalMs, data, newStream);
     results[r].inc();
+    // A new stream (marked, or a sender restart the buffer found): the decoder's memory is of the
+    // last one. Kept, it turned a new encoder's first packets into a full-scale burst (30–40 ms,
+    // peak 32768, from encoders of the "audio" application: ffmpeg's and GStreamer's default).
+    if (playout.stats.resyncs !== resyncs) decoder.reset();
     if (r !== "accepted") return;
     arrival[seq] = receivedAt;
     // Only a packet the buffer took may change the frame duration (and so reopen the device): a
@@ -252,11 +257,16 @@ function run(init: InputInit): void {
     }
     const ssrc = p.ssrc | 0;
     let newSource = false;
-    if (ssrc !== rtpSource) {
+    if (ssrc === rtpSource) {
+      // A packet of the source playing between two of another's: those are not in a row.
+      rtpCandidate = null;
+    } else {
       // Another SSRC is another sender. It takes over — its first packet starting a new stream
       // in the playout buffer, whatever its numbers — when no source played yet, when the
       // current one has been quiet for RTP_SOURCE_QUIET_MS (a restarted sender), or when it
-      // sends two packets in sequence (its first is then dropped). A single stray packet (a
+      // sends two packets in sequence with none of the current one's between (its first is then
+      // dropped): two senders at once do not take turns — each takeover flushed the other's
+      // packets, and neither was heard — the first keeps playing. A single stray packet (a
       // straggler of the sender just replaced, which may only come back the second way, or
       // another's) is dropped: taken as a new stream it flushed the current sender's buffer,
       // and the current sender's next packet flushed it again.
