@@ -32,7 +32,8 @@
  *   for a sane length and ignored (`kvm_audio_rtp_rtcp_ignored_total`), not counted as malformed.
  * - **One source at a time.** Another SSRC (another sender) takes over from the one playing when
  *   no source played yet, when the one playing has been quiet for 200 ms (a sender restarted with
- *   a new SSRC), or when it sends two packets in sequence (its first is then dropped). Until then
+ *   a new SSRC), or when it sends two packets in sequence with none of the playing one's between
+ *   (its first is then dropped; so of two senders at once the first keeps playing). Until then
  *   its packets are dropped and counted (`otherSource`, `frames_dropped_total{reason=
  *   "rtp_other_source"}`): a straggler of the sender just replaced (which can come back only the
  *   second way) or a stray datagram costs nothing. The first packet of a source that takes over
