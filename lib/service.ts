@@ -168,13 +168,16 @@ function workerUrl(name: "output_worker" | "input_worker"): string {
 
 const WORKER_URLS = { output: workerUrl("output_worker"), input: workerUrl("input_worker") };
 
+/** How often a retired worker's exit word is looked at while its orphans wait to be freed. */
+const ORPHAN_POLL_MS = 50;
+
 class Pipeline {
   readonly supervisor: Supervisor;
   readonly ring: FrameRing;
   obtained: DeviceInfo | null = null;
   lastDeviceError: string | null = null;
   wanted = false;
-  /** Native objects of terminated workers freed by {@link Pipeline.#releaseOrphan}, by kind. */
+  /** Native objects of retired workers freed by {@link Pipeline.#takeOrphans}, by kind. */
   readonly orphansReleased: Record<OrphanKind, number> = { pcm: 0, codec: 0, resampler: 0 };
 
   constructor(
@@ -195,53 +198,77 @@ class Pipeline {
       name: kind,
       spawn: (control, incarnation) => {
         const w = new Worker(WORKER_URLS[kind], { type: "module", name: `kvm-audio-${kind}` });
-        w.postMessage(makeInit(control, incarnation, this.ring.buffer));
+        const exit = new SharedArrayBuffer(4);
+        this.#exit = new Int32Array(exit);
+        w.postMessage({ ...makeInit(control, incarnation, this.ring.buffer), exit });
         return w;
       },
       onMessage: (msg) => onMessage(msg as WorkerMessage),
     });
     this.supervisor.addEventListener(STATE_CHANGE_EVENT, (e) => {
       const to = (e as SupervisorStateEvent).to;
-      if (to === "backoff" || to === "broken" || to === "stopped") this.#releaseOrphan();
+      if (to === "backoff" || to === "broken" || to === "stopped") this.#takeOrphans();
     });
   }
 
+  /** The exit word of the last incarnation spawned (see `PipelineInit.exit`). */
+  #exit: Int32Array | null = null;
+  /** Orphans taken over and not freed yet (their worker has not finished): for `close`. */
+  #pending = 0;
+
   /**
-   * A worker terminated while stalled skips its `finally` blocks and leaves its PCM open and its
-   * codec and resampler allocated. Free them from here, once the worker thread is surely gone:
-   * every FFI call the worker makes returns within 100 ms, so after 150 ms nothing of it can still
-   * be inside a native library (restarts come later: the first backoff is longer).
+   * An incarnation was retired (it ended, crashed, stalled or was stopped): takes over what it
+   * still lists in the orphan slots — nothing, when it released everything on its way out — and
+   * frees it once the worker says it has finished (see `WorkerControl`). `terminate()` does not
+   * stop a worker stuck in a C call (lib/supervisor.ts, "Retiring a worker"): it goes on when the
+   * call returns, and freeing its objects at a fixed delay (150 ms, as until 2026-11-25) freed an
+   * encoder the worker later freed again — a double free that aborted the process after
+   * PulseAudio hung for 8 s while a device was missing. A worker that never finishes (a C call
+   * that never returns) keeps its objects: they are in use. The slots are empty again at once, so
+   * the next incarnation lists its own without waiting.
    */
-  #releaseOrphan(): void {
+  #takeOrphans(): void {
     const slots = orphanSlots(this.supervisor.buffer);
-    const tokens = ORPHAN_KINDS.map((k) => Atomics.load(slots, ORPHAN[k]));
+    const tokens = ORPHAN_KINDS.map((k) => Atomics.exchange(slots, ORPHAN[k], 0n));
+    const exit = this.#exit;
     if (tokens.every((t) => t === 0n)) return;
-    setTimeout(() => {
+    this.#pending++;
+    const free = () => {
+      this.#pending--;
       ORPHAN_KINDS.forEach((kind, i) => {
         const token = tokens[i]!;
-        // Only if it is still the dead worker's: a new incarnation may have published its own.
-        if (token === 0n || Atomics.compareExchange(slots, ORPHAN[kind], token, 0n) !== token) {
-          return;
-        }
+        if (token === 0n) return;
         try {
           if (kind === "pcm") Pcm.closeOrphan(token);
           else if (kind === "resampler") Resampler.destroyOrphan(token);
           else if (this.kind === "output") OpusEncoder.destroyOrphan(token);
           else OpusDecoder.destroyOrphan(token);
           this.orphansReleased[kind]++;
-          log.warn("Freed the {what} left by a terminated {kind} worker", {
+          log.warn("Freed the {what} left by a retired {kind} worker", {
             what: kind === "pcm" ? "device" : kind,
             kind: this.kind,
           });
         } catch (e) {
-          log.error("Cannot free the {what} left by a terminated {kind} worker: {error}", {
+          log.error("Cannot free the {what} left by a retired {kind} worker: {error}", {
             what: kind === "pcm" ? "device" : kind,
             kind: this.kind,
             error: (e as Error).message,
           });
         }
       });
-    }, 150);
+    };
+    // Polled: the worker cannot notify the main thread's event loop cheaply, and this is rare.
+    const poll = () => {
+      if (exit !== null && Atomics.load(exit, 0) === 1) return free();
+      const t = setTimeout(poll, ORPHAN_POLL_MS);
+      Deno.unrefTimer(t);
+    };
+    poll();
+  }
+
+  /** Orphans taken over from retired workers that have not finished yet. */
+  get pendingOrphans(): number {
+    return this.#pending;
   }
 
   get control(): Int32Array {

@@ -20,8 +20,8 @@
  * - {@link CONTROL_WORD}`.state` — the worker's own view, a {@link WORKER_STATE} value; the
  *   supervisor stores `starting` before each start.
  * - {@link CONTROL_WORD}`.incarnation` — the number of the current incarnation, written by the
- *   supervisor before each start. A worker may compare it with the incarnation in its init message
- *   to find out that it was replaced.
+ *   supervisor before each start, and {@link RETIRED} when it retires one (see below). A worker
+ *   compares it with the incarnation in its init message to find out that it was replaced.
  * - Words 4 to 7 are reserved; words from {@link FIRST_PIPELINE_WORD} (8) to the end of the block
  *   belong to the caller (preset, mute, a test-only fault switch...). The supervisor never touches
  *   them.
@@ -50,13 +50,25 @@
  * it on every start an operator asks for). A {@link Supervisor.stop} also leaves `broken`, but
  * keeps the crashes in the window.
  *
- * `Worker.terminate()` cannot interrupt a thread inside a C call; the pipelines keep every FFI call
- * bounded, so a terminate takes effect within about 100 ms.
+ * ## Retiring a worker
+ *
+ * `Worker.terminate()` does not stop a worker that never returns to its event loop — and pipeline
+ * workers never do while they run. In Deno 2.9.5 the worker goes on running JavaScript, `finally`
+ * blocks included, whether it was in a C call or not (measured: a worker looping on a C call, on
+ * `Atomics.wait` or on pure JavaScript still ran 5 s after `terminate()`; Deno's isolate kill two
+ * seconds after a terminate does not happen — denoland/deno#35657). So retiring an incarnation
+ * also stores {@link RETIRED} in the incarnation word (and wakes the stop word): a worker that
+ * reads another incarnation than its own stops as if asked to and writes nothing shared on its way
+ * out. A worker stalled inside a C call (a sound server that hangs in `snd_pcm_open`) does so when
+ * the call returns, seconds later, while its successor already runs.
  *
  * @module
  */
 
 import { epochMs } from "./frame_ring.ts";
+
+/** The incarnation word of a supervisor whose incarnation was retired (none runs). */
+export const RETIRED = -1;
 
 /** Indices of the supervisor's words in the control block. */
 export const CONTROL_WORD = {
@@ -663,6 +675,9 @@ export class Supervisor extends EventTarget {
   /** Terminates the incarnation and detaches everything from it. */
   #retire(inc: Incarnation): void {
     inc.worker.terminate();
+    // terminate() does not stop a busy worker (see "Retiring a worker"): tell it.
+    Atomics.store(this.control, CONTROL_WORD.incarnation, RETIRED);
+    Atomics.notify(this.control, CONTROL_WORD.stop);
     Atomics.store(this.control, CONTROL_WORD.state, WORKER_STATE.stopped);
     inc.worker.removeEventListener("message", inc.onMessage);
     inc.worker.removeEventListener("messageerror", inc.onMessageError);

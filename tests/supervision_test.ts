@@ -17,6 +17,12 @@ async function deviceFds(dir: string): Promise<number> {
   const out = await new Deno.Command("ls", { args: ["-l", `/proc/${Deno.pid}/fd`] }).output();
   return new TextDecoder().decode(out.stdout).split("\n").filter((l) => l.includes(dir)).length;
 }
+/** Threads of this process (read by `ls`, as {@link openFds}). */
+async function threadCount(): Promise<number> {
+  const out = await new Deno.Command("ls", { args: [`/proc/${Deno.pid}/task`] }).output();
+  return new TextDecoder().decode(out.stdout).split("\n").filter(Boolean).length;
+}
+
 /** Open descriptors of this process (read by `ls`: Deno guards /proc/self behind --allow-all). */
 async function openFds(): Promise<number> {
   const out = await new Deno.Command("ls", { args: [`/proc/${Deno.pid}/fd`] }).output();
@@ -159,6 +165,42 @@ Deno.test("a stalled output worker stopped and started again at once: what it he
   await sleep(300);
   assert.deepEqual(service.orphansReleased("output"), { pcm: 1, codec: 1, resampler: 1 });
   assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+  await service.close();
+  await sleep(300);
+  assert.equal(await deviceFds(dir.path), 0);
+});
+
+Deno.test("a worker stalled inside a C call is replaced; when the call returns it stops, and what it held is freed once", async () => {
+  await using dir = await tempDir();
+  const { service, restore } = await outputService(dir.path, { rate: 44100 });
+  using _ = restore;
+  const seqs: number[] = [];
+  service.subscribe((f) => seqs.push(f.seq));
+  service.start();
+  await until("first packets", () => seqs.length > 10);
+  const threads0 = await threadCount();
+  // 3 s inside a C call without a heartbeat (a sound server hanging in snd_pcm_open):
+  // terminate() cannot stop it, so the old worker is still there when its successor starts.
+  Atomics.store(service.controlBlock("output")!, CONTROL.fault, FAULT.block);
+  await until("a stall restart", () => (service.outputStatus().supervisor?.restarts ?? 0) >= 1);
+  const c = seqs.length;
+  await until("audio from the successor", () => seqs.length > c + 10);
+  assert.deepEqual(
+    service.orphansReleased("output"),
+    { pcm: 0, codec: 0, resampler: 0 },
+    "nothing freed while the old worker may still use it",
+  );
+  // The call returns after 3 s: the old worker finds itself retired and stops; what it held is
+  // freed then, once (before, it was freed at 150 ms and again by the worker: a double free).
+  await until("the old worker's objects freed", () => {
+    return service.orphansReleased("output")?.codec === 1;
+  }, 6000);
+  await sleep(300);
+  assert.deepEqual(service.orphansReleased("output"), { pcm: 1, codec: 1, resampler: 1 });
+  assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
+  assert.ok(await threadCount() <= threads0, "the old worker's thread ended");
+  // Nothing of the old worker reached the ring: the successor's numbering only goes up.
+  for (let i = 1; i < seqs.length; i++) assert.ok(seqs[i]! > seqs[i - 1]!, `seq ${seqs[i]}`);
   await service.close();
   await sleep(300);
   assert.equal(await deviceFds(dir.path), 0);

@@ -43,7 +43,14 @@ import { CONTROL, epochMs, INPUT_FLAG, type InputInit } from "./messages.ts";
 import { inputMetrics, microphoneMalformedSeries, transportMetrics } from "./pipeline_metrics.ts";
 import { checkMicrophonePacket } from "./microphone_packet.ts";
 import { readRtp, RTP_MALFORMED_REASONS, RTP_STATS, rtpMetrics } from "../transport/rtp_header.ts";
-import { ClockPacer, lastWords, MetricsPoster, runDevice, WorkerControl } from "./worker_common.ts";
+import {
+  ClockPacer,
+  lastWords,
+  MetricsPoster,
+  runDevice,
+  runPipeline,
+  WorkerControl,
+} from "./worker_common.ts";
 
 const MAX_FRAME = 2880; // 60 ms at 48 kHz
 
@@ -68,7 +75,6 @@ function syncSeries(c: { readonly value: number; inc(n: number): void }, total: 
 
 function run(init: InputInit): void {
   const ctl = new WorkerControl(init);
-  ctl.waitForOrphansFreed();
   // A predecessor terminated mid-read left the RTP busy flag raised; this worker is the reader now.
   Atomics.store(ctl.words, CONTROL.rtpBusy, 0);
   const ring = FrameRing.attach(init.ring);
@@ -358,6 +364,8 @@ function run(init: InputInit): void {
         const need = Math.round((pcm.rate * frame) / 48000);
         if (pacer) pacer.wait(ctl, (frame / 48000) * 1000);
         else if (pcm.avail() < need) pcm.wait(100);
+        // Retired while in a C call (a hung device): the ring and socket are the successor's.
+        if (ctl.retired) break;
         inputEnded = drain();
         // The packets' frame duration changed (a microphone preset of another frame size, or a
         // sender's choice): reopen the device sized for it. Kept as it was, a longer frame than
@@ -468,12 +476,4 @@ function run(init: InputInit): void {
   }
 }
 
-const scope = self as unknown as {
-  onmessage: ((ev: MessageEvent<InputInit>) => void) | null;
-  close(): void;
-};
-scope.onmessage = (ev) => {
-  scope.onmessage = null;
-  run(ev.data);
-  scope.close();
-};
+runPipeline(run);

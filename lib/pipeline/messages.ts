@@ -118,6 +118,8 @@ export const FAULT = {
   throw: 1,
   /** Spin without beating (a stall the supervisor must detect). */
   stall: 2,
+  /** Block inside a C call for 3 s (a stall the worker only leaves when the call returns). */
+  block: 3,
 } as const;
 
 /** Shared init fields of both pipeline workers. */
@@ -126,6 +128,11 @@ interface InitCommon {
   readonly control: SharedArrayBuffer;
   /** Which restart this is (0 = first start). */
   readonly incarnation: number;
+  /**
+   * One int32 the worker sets to 1 when it is done with every native object it held
+   * (`WorkerControl.finish`): what the service took over at its retirement may be freed then.
+   */
+  readonly exit?: SharedArrayBuffer;
   /** Honour the fault switch (tests only). */
   readonly allowFaults?: boolean;
   /** How often to post a metrics snapshot. */

@@ -57,6 +57,7 @@ import {
   MetricsPoster,
   post,
   runDevice,
+  runPipeline,
   WorkerControl,
 } from "./worker_common.ts";
 import { outputMetrics, transportMetrics } from "./pipeline_metrics.ts";
@@ -95,7 +96,6 @@ function run(init: OutputInit): void {
   let captured48 = 0;
   const maxSamples = init.maxSamples ?? Infinity;
 
-  ctl.waitForOrphansFreed();
   let preset = presetFromControl(ctl);
   let generation = ctl.get(CONTROL.generation);
   let encoder = OpusEncoder.create(
@@ -198,6 +198,8 @@ function run(init: OutputInit): void {
       if (pacer) pacer.wait(ctl, periodMs);
       else if (!pcm.wait(100)) continue;
       const n = pcm.readi(capBuf, period);
+      // Retired while in a C call (a hung device): the ring is the successor's now.
+      if (ctl.retired) break;
       if (pcm.xruns !== xruns) {
         m.xruns.inc(pcm.xruns - xruns);
         xruns = pcm.xruns;
@@ -316,12 +318,4 @@ function run(init: OutputInit): void {
   }
 }
 
-const scope = self as unknown as {
-  onmessage: ((ev: MessageEvent<OutputInit>) => void) | null;
-  close(): void;
-};
-scope.onmessage = (ev) => {
-  scope.onmessage = null;
-  run(ev.data);
-  scope.close();
-};
+runPipeline(run);

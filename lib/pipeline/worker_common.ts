@@ -7,46 +7,85 @@
 
 import { AlsaError, Pcm, type PcmOptions } from "../../ffi/alsa.ts";
 import { LibraryNotFoundError } from "../../ffi/library.ts";
+import { libc } from "../../ffi/libc.ts";
 import type { Registry } from "../metrics.ts";
 import { CONTROL_WORD, WORKER_STATE, type WorkerStateName } from "../supervisor.ts";
 import {
   CONTROL,
   FAULT,
   ORPHAN,
-  ORPHAN_KINDS,
   type OrphanKind,
   orphanSlots,
   type PipelineInit,
   type WorkerMessage,
 } from "./messages.ts";
 
-/** The worker's side of its control block. */
+/**
+ * The worker's side of its control block.
+ *
+ * **Retirement.** `Worker.terminate()` does not stop a running pipeline worker (see
+ * lib/supervisor.ts, "Retiring a worker"): the supervisor marks the incarnation word instead, and
+ * a worker that finds another incarnation than its own there is *retired* — {@link stopRequested}
+ * holds, and it writes nothing shared any more (heartbeat, state, pipeline words, orphan slots),
+ * so that it cannot pass for its successor. It goes on to unwind its loops as after a stop.
+ *
+ * **Native objects.** The worker lists what it holds in the orphan slots ({@link hold}). When an
+ * incarnation is retired the service takes the listed objects over at once (it swaps the slots to
+ * 0) and frees them when the worker reports that it has finished ({@link runPipeline}) — not before: the retired
+ * worker may still be inside a C call on them. So {@link release} frees an object only when its
+ * slot still holds it (a compare-and-swap to 0); one the service took is left to the service.
+ * Exactly one of the two frees each object. Objects made after retirement are never listed and
+ * are the worker's own.
+ */
 export class WorkerControl {
   readonly words: Int32Array;
   readonly #orphans: BigInt64Array;
   readonly #allowFaults: boolean;
+  readonly #incarnation: number;
+  /** Objects held while retired: never listed, freed by {@link release} itself. */
+  readonly #unlisted = new Set<unknown>();
 
   constructor(init: PipelineInit) {
     this.words = new Int32Array(init.control);
     this.#orphans = orphanSlots(init.control);
     this.#allowFaults = init.allowFaults === true;
+    this.#incarnation = init.incarnation;
+  }
+
+  /** Whether the supervisor retired this incarnation (see the class notes). */
+  get retired(): boolean {
+    return Atomics.load(this.words, CONTROL_WORD.incarnation) !== this.#incarnation;
   }
 
   /**
-   * Publishes a native object this worker holds (see `CONTROL.orphans`); one per kind, so a new
-   * one replaces the token of the last (release that one first).
+   * Lists a native object this worker holds in the orphan slots (see `CONTROL.orphans`); one per
+   * kind, so release the last one of a kind first. A retired worker lists nothing.
    */
   hold(kind: OrphanKind, native: { readonly orphanToken: bigint }): void {
-    Atomics.store(this.#orphans, ORPHAN[kind], native.orphanToken);
+    if (this.retired) {
+      this.#unlisted.add(native);
+      return;
+    }
+    const token = native.orphanToken;
+    Atomics.store(this.#orphans, ORPHAN[kind], token);
+    // Retired between the look and the store: the service may have swapped the slots already and
+    // would not see this one. Take it back unless the service did.
+    if (this.retired && Atomics.compareExchange(this.#orphans, ORPHAN[kind], token, 0n) === token) {
+      this.#unlisted.add(native);
+    }
   }
 
   /**
-   * Closes a held native object; its token is cleared first, so a kill in between leaks, never
-   * frees twice.
+   * Frees a held native object — unless the service took it over (see the class notes): the slot
+   * is swapped from its token to 0 first, so a free by both is impossible.
    */
-  release(kind: OrphanKind, native: { close(): void }): void {
-    Atomics.store(this.#orphans, ORPHAN[kind], 0n);
-    native.close();
+  release(kind: OrphanKind, native: { readonly orphanToken: bigint; close(): void }): void {
+    if (this.#unlisted.delete(native)) {
+      native.close();
+      return;
+    }
+    const token = native.orphanToken;
+    if (Atomics.compareExchange(this.#orphans, ORPHAN[kind], token, 0n) === token) native.close();
   }
 
   /**
@@ -64,16 +103,16 @@ export class WorkerControl {
 
   /** Tells the supervisor this worker is alive. Call at least every 100 ms. */
   beat(): void {
-    Atomics.add(this.words, CONTROL_WORD.heartbeat, 1);
+    if (!this.retired) Atomics.add(this.words, CONTROL_WORD.heartbeat, 1);
   }
 
-  /** Whether the supervisor asked for a graceful stop. */
+  /** Whether the supervisor asked for a graceful stop, or retired this worker. */
   get stopRequested(): boolean {
-    return Atomics.load(this.words, CONTROL_WORD.stop) !== 0;
+    return Atomics.load(this.words, CONTROL_WORD.stop) !== 0 || this.retired;
   }
 
   set state(s: WorkerStateName) {
-    Atomics.store(this.words, CONTROL_WORD.state, WORKER_STATE[s]);
+    if (!this.retired) Atomics.store(this.words, CONTROL_WORD.state, WORKER_STATE[s]);
   }
 
   /** Reads a pipeline word. */
@@ -81,27 +120,9 @@ export class WorkerControl {
     return Atomics.load(this.words, word);
   }
 
-  /** Writes a pipeline word. */
+  /** Writes a pipeline word (not when retired). */
   set(word: number, value: number): void {
-    Atomics.store(this.words, word, value);
-  }
-
-  /**
-   * Waits at most `timeoutMs` until the orphan slots hold no native object of a predecessor; call
-   * it first, before creating or opening anything. A worker terminated while stalled leaves its
-   * tokens there, and the service frees them 150 ms after the termination, once the old thread is
-   * surely out of every C call — but only tokens still in the slots (a live worker may have
-   * released one meanwhile). A successor started sooner (an operator's stop and start within
-   * 150 ms) published its own over them, and the old device, encoder and resampler were never
-   * freed. Returns whether the slots are clear (false after the timeout or a stop request).
-   */
-  waitForOrphansFreed(timeoutMs = 500): boolean {
-    const end = performance.now() + timeoutMs;
-    for (;;) {
-      if (ORPHAN_KINDS.every((k) => Atomics.load(this.#orphans, ORPHAN[k]) === 0n)) return true;
-      if (performance.now() >= end || this.stopRequested) return false;
-      this.sleep(5);
-    }
+    if (!this.retired) Atomics.store(this.words, word, value);
   }
 
   /** Sleeps up to `ms`, beating every 50 ms and waking early on a stop request. */
@@ -121,10 +142,36 @@ export class WorkerControl {
     const f = Atomics.exchange(this.words, CONTROL.fault, FAULT.none);
     if (f === FAULT.throw) throw new Error("Injected fault: the pipeline loop threw");
     if (f === FAULT.stall) {
-      // Spin without beating until stopped from outside (terminate) — a stalled device loop.
-      for (;;) Atomics.wait(this.words, CONTROL.fault, 0, 1000);
+      // Wait without beating until retired — a stalled device loop. (terminate() would not end
+      // it: see the class notes.)
+      while (!this.retired) Atomics.wait(this.words, CONTROL_WORD.stop, 0, 50);
+    }
+    if (f === FAULT.block) {
+      // Block inside a C call for 3 s, not beating — a sound server hanging in snd_pcm_open.
+      libc().poll(new Uint8Array(8), 0n, 3000);
     }
   }
+}
+
+/**
+ * Runs a pipeline worker's `run(init)` once, then says so in `init.exit` — whatever the way out:
+ * the service frees what it took over at a retirement only then — and closes the worker after a
+ * normal return (a throw reaches the supervisor as the worker's error event).
+ */
+export function runPipeline<I extends PipelineInit>(run: (init: I) => void): void {
+  const scope = self as unknown as {
+    onmessage: ((ev: MessageEvent<I>) => void) | null;
+    close(): void;
+  };
+  scope.onmessage = (ev) => {
+    scope.onmessage = null;
+    try {
+      run(ev.data);
+    } finally {
+      if (ev.data.exit) Atomics.store(new Int32Array(ev.data.exit), 0, 1);
+    }
+    scope.close();
+  };
 }
 
 /** Posts a message to the main thread. */
