@@ -140,7 +140,12 @@ export type PresetChange = "unchanged" | "live" | "rebuilt" | "stored";
 /** Status of one pipeline. */
 export interface PipelineStatus {
   readonly enabled: boolean;
+  /** The worker runs with its device open. */
   readonly running: boolean;
+  /**
+   * The supervisor's state (`stopped`, `starting`, `running`, `stopping`, `backoff`, `broken`),
+   * `waiting-for-device` while the worker runs without its device, or `disabled`.
+   */
   readonly state: string;
   readonly device: string | null;
   /** What the device gave when last opened. */
@@ -889,10 +894,13 @@ export class AudioService implements AsyncDisposable {
       };
     }
     const s = p.supervisor.status;
+    // A worker that runs but has no device (missing, or being reopened) plays nothing: say so
+    // rather than "running" (the supervisor's state is about the worker).
+    const waiting = s.state === "running" && s.workerState === "waiting-for-device";
     return {
       enabled: true,
-      running: s.state === "running",
-      state: s.state,
+      running: s.state === "running" && !waiting,
+      state: waiting ? "waiting-for-device" : s.state,
       device: p.device,
       obtained: p.obtained,
       lastDeviceError: p.lastDeviceError,

@@ -53,7 +53,16 @@ const pipeline = {
   running: bool,
   state: {
     type: "string",
-    enum: ["disabled", "stopped", "starting", "running", "stopping", "backoff", "broken"],
+    enum: [
+      "disabled",
+      "stopped",
+      "starting",
+      "running",
+      "waiting-for-device",
+      "stopping",
+      "backoff",
+      "broken",
+    ],
   },
   device: nullable(str),
   rate: nullable(int),

@@ -279,6 +279,9 @@ Deno.test("a missing device leaves the service up, waiting and retrying", async 
   const st = service.outputStatus();
   assert.equal(st.supervisor?.workerState, "waiting-for-device");
   assert.equal(st.supervisor?.crashes, 0, "a missing device is not a crash");
+  // The status says so (it said "running").
+  assert.equal(st.state, "waiting-for-device");
+  assert.equal(st.running, false);
 });
 
 Deno.test("control state is saved atomically and restored by a new service", async () => {
