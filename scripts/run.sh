@@ -12,7 +12,7 @@ bash scripts/setup.sh
 args=("$@")
 names_device=0
 for a in "$@"; do
-  case "$a" in --capture|--capture=*|--playback|--playback=*|--help|--check) names_device=1 ;; esac
+  case "$a" in --capture|--capture=*|--playback|--playback=*|--help) names_device=1 ;; esac
 done
 [ -n "${KVM_AUDIO_CAPTURE:-}${KVM_AUDIO_PLAYBACK:-}" ] && names_device=1
 
