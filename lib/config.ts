@@ -303,7 +303,13 @@ export function parseConfig(
   const rtpOutEnv = env("KVM_AUDIO_RTP_OUT");
   const rtpOut = rtpOutFlag ??
     (rtpOutEnv ? rtpOutEnv.split(",").map((s) => s.trim()).filter(Boolean) : []);
-  for (const d of rtpOut) parseListen(d, "rtp-out");
+  for (const d of rtpOut) {
+    // A destination needs a port to send to (0 means "any" only to bind): refused here, as a
+    // configuration error (exit 2), not at the sender's start (exit 1, restarted by systemd).
+    if (parseListen(d, "rtp-out").port === 0) {
+      throw new ConfigError(`Invalid --rtp-out "${d}": expected a port from 1 to 65535`);
+    }
+  }
   const rtpIn = get("rtp-in");
   const stateFlag = get("state-file");
   if (rtpIn !== undefined && bool("no-mic")) {

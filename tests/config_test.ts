@@ -58,6 +58,16 @@ Deno.test("bad flags are errors naming the flag and the allowed values", () => {
     /KVM_AUDIO_NO_MIC/,
   );
   assert.throws(() => parseConfig(["--rtp-out", "host"], noEnv), /--rtp-out/);
+  // Port 0 is no destination: a configuration error (exit 2), also from the environment.
+  assert.throws(
+    () => parseConfig(["--rtp-out", "127.0.0.1:0"], noEnv),
+    /Invalid --rtp-out "127.0.0.1:0": expected a port from 1 to 65535/,
+  );
+  assert.throws(
+    () =>
+      parseConfig([], (k) => (k === "KVM_AUDIO_RTP_OUT" ? "127.0.0.1:5004,[::1]:0" : undefined)),
+    ConfigError,
+  );
   assert.throws(
     () => parseConfig(["--rtp-in", "5004", "--no-mic"], noEnv),
     /Refusing --rtp-in 5004 with --no-mic/,
