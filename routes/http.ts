@@ -520,17 +520,6 @@ export function requireEnabled(
   };
 }
 
-/** Last handler of a stream route: the runtime did not upgrade (e.g. `Upgrade: WebSocket`). */
-export function upgradeRefused(): MiddlewareHandler<AppEnv> {
-  return function notUpgraded() {
-    throw new ApiError(426, 'Cannot upgrade to a WebSocket: expected "Upgrade: websocket"', {
-      field: "Upgrade",
-      allowed: ["websocket"],
-      headers: { Upgrade: "websocket" },
-    });
-  };
-}
-
 /** A pong for a ping, or `null` when `text` is not a control message. */
 export function answerControl(text: string): string | null {
   const ctl = parseControlMessage(text);

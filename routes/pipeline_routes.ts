@@ -7,11 +7,11 @@
  * @module
  */
 
-import type { Context } from "hono";
-import { upgradeWebSocket } from "hono/deno";
+import type { Context, MiddlewareHandler } from "hono";
 import type { PresetChange } from "../lib/service.ts";
 import { type Direction, getPreset, PRESET_NAMES } from "../lib/quality.ts";
 import {
+  ApiError,
   type AppEnv,
   checkField,
   json,
@@ -22,7 +22,6 @@ import {
   requireEnabled,
   requireUpgrade,
   type RouteSpec,
-  upgradeRefused,
 } from "./http.ts";
 import { SCHEMAS } from "./openapi.ts";
 
@@ -81,6 +80,32 @@ export interface StreamPeer {
 }
 
 const capitalized = (s: string) => s[0]!.toUpperCase() + s.slice(1);
+
+/**
+ * Upgrades the request (checked by `requireUpgrade`) to a WebSocket served by `connect`'s peer,
+ * in `arraybuffer` mode. Deno's own upgrade, not Hono's helper: that one compares the `Upgrade`
+ * header with "websocket" case-sensitively and refused `Upgrade: WebSocket` (RFC 6455: the value
+ * is case-insensitive). A request Deno cannot upgrade (no `Sec-WebSocket-Key`, no `Connection:
+ * Upgrade`) is a 400 saying why.
+ */
+function acceptWebSocket(connect: (c: Context<AppEnv>) => StreamPeer): MiddlewareHandler<AppEnv> {
+  return function upgradeToWebSocket(c) {
+    let upgraded: { response: Response; socket: WebSocket };
+    try {
+      upgraded = Deno.upgradeWebSocket(c.req.raw);
+    } catch (e) {
+      throw new ApiError(400, `Cannot upgrade to a WebSocket: ${(e as Error).message}`);
+    }
+    const { response, socket } = upgraded;
+    const peer = connect(c);
+    socket.binaryType = "arraybuffer";
+    socket.onopen = () => peer.open(socket);
+    socket.onmessage = (e) => peer.message(socket, e.data);
+    socket.onclose = () => peer.closed(socket);
+    socket.onerror = () => peer.closed(socket, "error");
+    return Promise.resolve(response);
+  };
+}
 
 /** The routes of one pipeline, from its description. */
 export function pipelineRoutes(p: PipelineRoutes): RouteSpec[] {
@@ -183,26 +208,7 @@ export function pipelineRoutes(p: PipelineRoutes): RouteSpec[] {
           `Cannot ${p.stream.verb}: the ${pipeline} is disabled (${missing})`,
         ),
         requireUpgrade(),
-        upgradeWebSocket((c) => {
-          const peer = p.stream.connect(c);
-          return {
-            onOpen(_evt, ws) {
-              const socket = ws.raw!;
-              socket.binaryType = "arraybuffer";
-              peer.open(socket);
-            },
-            onMessage(evt, ws) {
-              peer.message(ws.raw!, evt.data);
-            },
-            onClose(_evt, ws) {
-              peer.closed(ws.raw!);
-            },
-            onError(_evt, ws) {
-              peer.closed(ws.raw!, "error");
-            },
-          };
-        }),
-        upgradeRefused(),
+        acceptWebSocket(p.stream.connect),
       ],
     },
   ];

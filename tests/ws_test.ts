@@ -690,3 +690,38 @@ Deno.test("listen stream: a stalled TCP peer is dropped-oldest and closed; a hea
     conn.close();
   }
 });
+
+Deno.test("the talk stream upgrades whatever the case of the Upgrade header (both streams share the upgrade); a broken handshake is a 400", async () => {
+  await using dir = await tempDir();
+  const cfg = await writeAlsaConfig(dir.path, {
+    kvm_ws_playback: { type: "file", outfile: `${dir.path}/out.raw` },
+  });
+  using _cfg = useAlsaConfig(cfg);
+  await using service = new AudioService({
+    capture: null,
+    playback: "kvm_ws_playback",
+    pace: "clock",
+  });
+  service.start();
+  await using server = serve(service);
+  // RFC 6455: the Upgrade value is case-insensitive ("WebSocket" was refused with 426).
+  for (const upgrade of ["WebSocket", "WEBSOCKET"]) {
+    const { conn } = await rawWebSocket(server.port, "/api/microphone/stream", upgrade);
+    conn.close();
+  }
+  // No Sec-WebSocket-Key: not upgradable, and the answer says why.
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+  try {
+    await conn.write(new TextEncoder().encode(
+      "GET /api/microphone/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ));
+    const buf = new Uint8Array(4096);
+    const n = await conn.read(buf);
+    const text = new TextDecoder().decode(buf.subarray(0, n ?? 0));
+    assert.match(text, /^HTTP\/1\.1 400 /);
+    assert.match(text, /Cannot upgrade to a WebSocket/);
+  } finally {
+    conn.close();
+  }
+});
