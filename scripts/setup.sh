@@ -2,17 +2,19 @@
 # Idempotent set-up for kvm-audio on Debian with Node/npm: installs what is missing, nothing twice.
 #   - Deno 2.9.5 (exact pin, from the npm registry) into .tools/, linked as .tools/bin/deno
 #   - the Debian packages the service and its tests use
-# Usage: scripts/setup.sh [--with-test-tools] [--quiet]
+# Usage: scripts/setup.sh [--with-test-tools] [--with-bench-tools] [--quiet]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test_tools=0
+want_bench_tools=0
 quiet=0
 for arg in "$@"; do
   case "$arg" in
     --with-test-tools) want_test_tools=1 ;;
+    --with-bench-tools) want_bench_tools=1 ;;
     --quiet) quiet=1 ;;
-    *) echo "setup.sh: unknown option \"$arg\" (expected --with-test-tools or --quiet)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option \"$arg\" (expected --with-test-tools, --with-bench-tools or --quiet)" >&2; exit 2 ;;
   esac
 done
 say() { [ "$quiet" = 1 ] || echo "setup: $*"; }
@@ -23,6 +25,12 @@ packages=(libopus0 libasound2 alsa-utils libspeexdsp1 pulseaudio pulseaudio-util
 # interoperability) and Chromium (the operator's page).
 if [ "$want_test_tools" = 1 ]; then
   packages+=(gcc libc6-dev libopus-dev libspeexdsp-dev ffmpeg chromium)
+fi
+# Benchmarks also build C baselines against libasound and run the GStreamer pair they are set
+# against: alsasrc/alsasink, opusenc/opusdec, rtpopuspay/depay, udpsrc/udpsink, rtpjitterbuffer.
+if [ "$want_bench_tools" = 1 ]; then
+  packages+=(gcc libc6-dev libopus-dev libspeexdsp-dev libasound2-dev gstreamer1.0-tools
+    gstreamer1.0-alsa gstreamer1.0-plugins-base gstreamer1.0-plugins-good)
 fi
 
 missing=()
