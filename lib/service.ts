@@ -930,8 +930,9 @@ export class AudioService implements AsyncDisposable {
   }
 
   /**
-   * Native objects (device, codec, resampler) that terminated workers of a pipeline left behind
-   * and the service freed, by kind (see `CONTROL.orphans`); null when the pipeline is disabled.
+   * Native objects (device, codec, resampler) that retired workers of a pipeline still listed and
+   * the service took over and freed, by kind (see `WorkerControl`); null when the pipeline is
+   * disabled.
    */
   orphansReleased(kind: "output" | "input"): Readonly<Record<OrphanKind, number>> | null {
     const p = kind === "output" ? this.#output : this.#input;
