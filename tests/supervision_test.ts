@@ -190,6 +190,9 @@ Deno.test("a worker stalled inside a C call is replaced; when the call returns i
     { pcm: 0, codec: 0, resampler: 0 },
     "nothing freed while the old worker may still use it",
   );
+  // A preset change now is the successor's to apply — once (the old worker, when its call
+  // returned, applied it too and counted a second rebuild).
+  assert.equal(service.setOutputPreset("low"), "rebuilt");
   // The call returns after 3 s: the old worker finds itself retired and stops; what it held is
   // freed then, once (before, it was freed at 150 ms and again by the worker: a double free).
   await until("the old worker's objects freed", () => {
@@ -197,6 +200,8 @@ Deno.test("a worker stalled inside a C call is replaced; when the call returns i
   }, 6000);
   await sleep(300);
   assert.deepEqual(service.orphansReleased("output"), { pcm: 1, codec: 1, resampler: 1 });
+  assert.deepEqual(service.outputPresetChanges, { live: 0, rebuilt: 1 });
+  assert.equal(service.appliedOutputPreset, "low");
   assert.equal(await deviceFds(dir.path), 1, "only the running incarnation holds the device");
   assert.ok(await threadCount() <= threads0, "the old worker's thread ended");
   // Nothing of the old worker reached the ring: the successor's numbering only goes up.

@@ -344,6 +344,8 @@ function run(init: InputInit): void {
     while (!ctl.stopRequested) {
       ctl.beat();
       ctl.checkFault();
+      // Retired while blocked (a fault, a hung call): the ring is the successor's.
+      if (ctl.retired) break;
       poster.tick(performance.now());
       let inputEnded: boolean;
       let now: number;

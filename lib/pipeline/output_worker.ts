@@ -117,11 +117,11 @@ function run(init: OutputInit): void {
       ctl.release("codec", encoder);
       encoder = fresh;
       ctl.hold("codec", encoder);
-      Atomics.add(ctl.words, CONTROL.rebuilds, 1);
+      ctl.add(CONTROL.rebuilds, 1);
       post({ type: "preset", preset: next.name, how: "rebuilt" });
     } else {
       encoder.configure(encoderSettings(next));
-      Atomics.add(ctl.words, CONTROL.liveChanges, 1);
+      ctl.add(CONTROL.liveChanges, 1);
       post({ type: "preset", preset: next.name, how: "live" });
     }
     preset = next;
@@ -187,6 +187,8 @@ function run(init: OutputInit): void {
     while (!ctl.stopRequested) {
       ctl.beat();
       ctl.checkFault();
+      // Retired while blocked (a fault, a hung call): nothing more of this loop is its to do.
+      if (ctl.retired) break;
       if (ctl.get(CONTROL.generation) !== generation) applyPreset();
       poster.tick(performance.now());
 
@@ -299,8 +301,8 @@ function run(init: OutputInit): void {
         }
         seq = (seq + 1) | 0;
         rtp = (rtp + fs) >>> 0;
-        Atomics.store(ctl.words, CONTROL.nextSeq, seq);
-        Atomics.store(ctl.words, CONTROL.nextTimestamp, rtp | 0);
+        ctl.set(CONTROL.nextSeq, seq);
+        ctl.set(CONTROL.nextTimestamp, rtp | 0);
         start += fs;
         // A preset change takes effect at this frame boundary.
         if (ctl.get(CONTROL.generation) !== generation) {

@@ -125,6 +125,11 @@ export class WorkerControl {
     if (!this.retired) Atomics.store(this.words, word, value);
   }
 
+  /** Adds to a pipeline word (not when retired). */
+  add(word: number, delta: number): void {
+    if (!this.retired) Atomics.add(this.words, word, delta);
+  }
+
   /** Sleeps up to `ms`, beating every 50 ms and waking early on a stop request. */
   sleep(ms: number): void {
     const end = performance.now() + ms;
