@@ -754,19 +754,18 @@ export class Pcm implements Disposable {
     return name;
   }
 
-  /** Closes the PCM (pending playback is dropped; see {@link Pcm.drain}). Idempotent. */
   /**
    * An opaque token for this open PCM, for {@link Pcm.closeOrphan}: a worker that may be
-   * terminated while holding the PCM (which skips its `finally` blocks) publishes the token in
-   * shared memory, so the thread that terminated it can still release the device.
+   * retired while holding the PCM publishes the token in shared memory, so that another thread can
+   * take the device over and release it.
    */
   get orphanToken(): bigint {
     return orphanToken(this.#pcm);
   }
 
   /**
-   * Closes a PCM left open by a terminated worker, given its {@link orphanToken}. Only call it
-   * once the thread that opened the PCM is gone and the token was not cleared by a `close()`.
+   * Closes a PCM left open by a retired worker, given its {@link orphanToken}. Only call it once
+   * the thread that opened the PCM no longer uses it and the token was not cleared by a `close()`.
    */
   static closeOrphan(token: bigint): void {
     const pcm = orphanPointer(token);
@@ -775,6 +774,7 @@ export class Pcm implements Disposable {
     if (rc < 0) throw new AlsaError("snd_pcm_close", rc, "(orphan)");
   }
 
+  /** Closes the PCM (pending playback is dropped; see {@link Pcm.drain}). Idempotent. */
   close(): void {
     const pcm = this.#pcm;
     if (pcm === null) return;

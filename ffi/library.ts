@@ -77,9 +77,9 @@ export function cString(ptr: Deno.PointerValue): string {
 
 /**
  * The orphan token of a native object: its address as a bigint, 0n when there is none. A worker
- * that may be terminated while holding native state (termination skips its `finally` blocks)
- * publishes the tokens of what it holds in shared memory, so that the thread that terminated it
- * can still free them (`Pcm.closeOrphan`, `OpusEncoder.destroyOrphan`, …).
+ * that may be retired while holding native state publishes the tokens of what it holds in shared
+ * memory, so that another thread can take them over and free them (`Pcm.closeOrphan`,
+ * `OpusEncoder.destroyOrphan`, …).
  */
 export function orphanToken(ptr: Deno.PointerObject | null): bigint {
   return ptr === null ? 0n : BigInt(Deno.UnsafePointer.value(ptr));
@@ -87,7 +87,7 @@ export function orphanToken(ptr: Deno.PointerObject | null): bigint {
 
 /**
  * The pointer behind an orphan token, checked to be a positive bigint. Only use it once the
- * thread that made the object is gone and the token was not cleared by a `close()`.
+ * thread that made the object no longer uses it and the token was not cleared by a `close()`.
  */
 export function orphanPointer(token: bigint): Deno.PointerObject | null {
   if (typeof token !== "bigint" || token <= 0n) {

@@ -32,6 +32,24 @@ function serve(service: AudioService, opts: { token?: string; hub?: HubOptions }
   return serveApp((signal) => createApp(service, { ...opts, signal }));
 }
 
+/**
+ * A microphone-only service, clock-paced, playing into the file PCM `kvm_ws_playback`
+ * (`out.raw` in `dir`); `alsa` restores the ALSA configuration.
+ */
+async function talkService(dir: string, options: Partial<ServiceOptions> = {}) {
+  const cfg = await writeAlsaConfig(dir, {
+    kvm_ws_playback: { type: "file", outfile: `${dir}/out.raw` },
+  });
+  const alsa = useAlsaConfig(cfg);
+  const service = new AudioService({
+    capture: null,
+    playback: "kvm_ws_playback",
+    pace: "clock",
+    ...options,
+  });
+  return { service, alsa, outfile: `${dir}/out.raw` };
+}
+
 async function captureService(
   dir: string,
   { seconds, freq, ...rest }: { seconds: number; freq: number } & Partial<ServiceOptions>,
@@ -423,15 +441,8 @@ Deno.test("listen stream: preset and mute changes through the API send a hello b
 
 Deno.test("talk stream: a talker's packets play as the tone", async () => {
   await using dir = await tempDir();
-  const outfile = `${dir.path}/out.raw`;
-  const cfg = await writeAlsaConfig(dir.path, { kvm_ws_playback: { type: "file", outfile } });
-  using _cfg = useAlsaConfig(cfg);
-  const service = new AudioService({
-    capture: null,
-    playback: "kvm_ws_playback",
-    microphonePreset: "high",
-    pace: "clock",
-  });
+  const { service, alsa, outfile } = await talkService(dir.path, { microphonePreset: "high" });
+  using _cfg = alsa;
   service.start();
   let sent = 0;
   {
@@ -490,17 +501,9 @@ Deno.test("talk stream: a talker's packets play as the tone", async () => {
 
 Deno.test("talk stream: a second Talk numbered from 0 again plays from its first packet, without a burst", async () => {
   await using dir = await tempDir();
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_ws_playback: { type: "file", outfile: `${dir.path}/out.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
-  await using service = new AudioService({
-    capture: null,
-    playback: "kvm_ws_playback",
-    microphonePreset: "high",
-    pace: "clock",
-    metricsIntervalMs: 100,
-  });
+  const talk = await talkService(dir.path, { microphonePreset: "high", metricsIntervalMs: 100 });
+  using _cfg = talk.alsa;
+  await using service = talk.service;
   service.start();
   await until("the microphone pipeline", () => service.microphoneStatus().running);
   await using server = serve(service);
@@ -541,7 +544,7 @@ Deno.test("talk stream: a second Talk numbered from 0 again plays from its first
   assert.equal(result("duplicate"), 0, "no packet of the second session taken for the first's");
   assert.equal(result("late"), 0);
   await service.close();
-  const out = await readRaw(`${dir.path}/out.raw`);
+  const out = await readRaw(talk.outfile);
   let peak = 0;
   for (const v of out) peak = Math.max(peak, Math.abs(v) / 32768);
   assert.ok(peak < 0.4, `peak ${peak.toFixed(3)} for a tone at 0.25`);
@@ -549,15 +552,9 @@ Deno.test("talk stream: a second Talk numbered from 0 again plays from its first
 
 Deno.test("talk stream: one talker at a time, takeover, malformed messages counted and dropped", async () => {
   await using dir = await tempDir();
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_ws_playback: { type: "file", outfile: `${dir.path}/out.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
-  await using service = new AudioService({
-    capture: null,
-    playback: "kvm_ws_playback",
-    pace: "clock",
-  });
+  const talk = await talkService(dir.path);
+  using _cfg = talk.alsa;
+  await using service = talk.service;
   service.start();
   await using server = serve(service);
   await using first = new WsClient(server.url("/api/microphone/stream"));
@@ -693,15 +690,9 @@ Deno.test("listen stream: a stalled TCP peer is dropped-oldest and closed; a hea
 
 Deno.test("the talk stream upgrades whatever the case of the Upgrade header (both streams share the upgrade); a broken handshake is a 400", async () => {
   await using dir = await tempDir();
-  const cfg = await writeAlsaConfig(dir.path, {
-    kvm_ws_playback: { type: "file", outfile: `${dir.path}/out.raw` },
-  });
-  using _cfg = useAlsaConfig(cfg);
-  await using service = new AudioService({
-    capture: null,
-    playback: "kvm_ws_playback",
-    pace: "clock",
-  });
+  const talk = await talkService(dir.path);
+  using _cfg = talk.alsa;
+  await using service = talk.service;
   service.start();
   await using server = serve(service);
   // RFC 6455: the Upgrade value is case-insensitive ("WebSocket" was refused with 426).

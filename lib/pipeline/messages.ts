@@ -58,9 +58,9 @@ export const CONTROL = {
   /**
    * Words 16–21 (three 64-bit slots, {@link ORPHAN}): the orphan tokens of the native objects the
    * worker holds — its open PCM, its Opus encoder or decoder, its resampler — 0 where it holds
-   * none. A worker terminated while stalled skips its `finally` blocks; the service then frees
-   * what these name (`Pcm.closeOrphan`, `OpusEncoder.destroyOrphan`, …), so that a restart can
-   * reopen the device and no codec state leaks.
+   * none. When the supervisor retires a worker (stalled, crashed, stopped) the service takes over
+   * what these still name and frees it (`Pcm.closeOrphan`, `OpusEncoder.destroyOrphan`, …) once
+   * the worker has finished — see `WorkerControl` in worker_common.ts on who frees what.
    */
   orphans: 16,
   /**
