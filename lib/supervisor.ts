@@ -17,8 +17,9 @@
  * - {@link CONTROL_WORD}`.stop` — the supervisor stores {@link STOP_REQUESTED} (and notifies, so a
  *   worker in `Atomics.wait` on this word wakes) to ask for a graceful stop; it is cleared before
  *   each start. The worker polls it between frames.
- * - {@link CONTROL_WORD}`.state` — the worker's own view, a {@link WORKER_STATE} value; the
- *   supervisor stores `starting` before each start.
+ * - {@link CONTROL_WORD}`.state` — the worker's own view, a {@link WORKER_STATE} value tagged
+ *   with the incarnation that wrote it ({@link stateWord}); the supervisor stores `starting` before
+ *   each start. Workers write it only through {@link storeWorkerState}.
  * - {@link CONTROL_WORD}`.incarnation` — the number of the current incarnation, written by the
  *   supervisor before each start, and {@link RETIRED} when it retires one (see below). A worker
  *   compares it with the incarnation in its init message to find out that it was replaced.
@@ -114,6 +115,50 @@ export const WORKER_STATE = {
 
 /** Name of a worker's own state, see {@link WORKER_STATE}. */
 export type WorkerStateName = keyof typeof WORKER_STATE;
+
+/** Incarnations are tagged modulo this in the state word (2²⁸: far more restarts than happen). */
+const STATE_OWNER_MASK = 0x0fffffff;
+/** The state word's tag once the supervisor retired an incarnation: no worker's own. */
+const RETIRED_OWNER = STATE_OWNER_MASK;
+
+/**
+ * The state word's value for `state` written by `incarnation`: `incarnation × 8 + state`.
+ *
+ * Why the tag: a worker checks that it is still the current incarnation and then writes its state,
+ * and between the two it may lose the CPU while the supervisor retires it and starts its successor.
+ * A plain store would then put the old worker's `stopped` over the successor's word, and the
+ * supervisor would take the successor for finished and not restart it. With the tag the worker's
+ * write is a compare-and-swap that succeeds only while the word carries its own incarnation
+ * ({@link storeWorkerState}); the supervisor's own stores (`starting` for the next incarnation,
+ * `stopped` with a tag no worker has when it retires one) make every later write of an old
+ * worker fail.
+ */
+export function stateWord(incarnation: number, state: number): number {
+  return ((incarnation & STATE_OWNER_MASK) << 3) | state;
+}
+
+/** The {@link WORKER_STATE} value of a state word (without its incarnation tag). */
+export function stateOf(word: number): number {
+  return word & 7;
+}
+
+/**
+ * Writes a worker's state into the control block's state word unless the word carries another
+ * incarnation than `incarnation` (the worker was retired; see {@link stateWord}). Returns whether
+ * it wrote.
+ */
+export function storeWorkerState(
+  control: Int32Array,
+  incarnation: number,
+  state: number,
+): boolean {
+  const want = stateWord(incarnation, state);
+  for (;;) {
+    const word = Atomics.load(control, CONTROL_WORD.state);
+    if (word >>> 3 !== (incarnation & STATE_OWNER_MASK)) return false;
+    if (Atomics.compareExchange(control, CONTROL_WORD.state, word, want) === word) return true;
+  }
+}
 
 const WORKER_STATE_NAMES: ReadonlyMap<number, WorkerStateName> = new Map(
   (Object.entries(WORKER_STATE) as [WorkerStateName, number][]).map(([k, v]) => [v, k]),
@@ -470,7 +515,9 @@ export class Supervisor extends EventTarget {
     return {
       name: this.name,
       state: this.#state,
-      workerState: WORKER_STATE_NAMES.get(Atomics.load(this.control, CONTROL_WORD.state)) ?? null,
+      workerState:
+        WORKER_STATE_NAMES.get(stateOf(Atomics.load(this.control, CONTROL_WORD.state))) ??
+          null,
       incarnation,
       restarts: this.#restarts,
       crashes: this.#crashesInWindow(t),
@@ -581,7 +628,7 @@ export class Supervisor extends EventTarget {
     const n = this.#nextIncarnation++;
     if (n > 0) this.#restarts++;
     Atomics.store(this.control, CONTROL_WORD.stop, 0);
-    Atomics.store(this.control, CONTROL_WORD.state, WORKER_STATE.starting);
+    Atomics.store(this.control, CONTROL_WORD.state, stateWord(n, WORKER_STATE.starting));
     Atomics.store(this.control, CONTROL_WORD.incarnation, n);
     const startedAt = this.#now();
     let worker: Worker;
@@ -656,7 +703,7 @@ export class Supervisor extends EventTarget {
     }
     // A worker whose state word says it stopped is done if its last message has not come by
     // STOPPED_WORD_WAIT_MS (the message normally ends it first, see the module notes).
-    if (Atomics.load(this.control, CONTROL_WORD.state) === WORKER_STATE.stopped) {
+    if (stateOf(Atomics.load(this.control, CONTROL_WORD.state)) === WORKER_STATE.stopped) {
       inc.stoppedSince ??= t;
       if (t - inc.stoppedSince >= Math.min(STOPPED_WORD_WAIT_MS, this.#s.stallMs)) {
         return this.#exit(inc, "ended", null);
@@ -678,7 +725,7 @@ export class Supervisor extends EventTarget {
     // terminate() does not stop a busy worker (see "Retiring a worker"): tell it.
     Atomics.store(this.control, CONTROL_WORD.incarnation, RETIRED);
     Atomics.notify(this.control, CONTROL_WORD.stop);
-    Atomics.store(this.control, CONTROL_WORD.state, WORKER_STATE.stopped);
+    Atomics.store(this.control, CONTROL_WORD.state, stateWord(RETIRED_OWNER, WORKER_STATE.stopped));
     inc.worker.removeEventListener("message", inc.onMessage);
     inc.worker.removeEventListener("messageerror", inc.onMessageError);
     inc.worker.removeEventListener("error", inc.onError);

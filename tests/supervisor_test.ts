@@ -3,6 +3,8 @@ import {
   CONTROL_WORD,
   FIRST_PIPELINE_WORD,
   STATE_CHANGE_EVENT,
+  stateOf,
+  stateWord,
   STOP_REQUESTED,
   Supervisor,
   type SupervisorOptions,
@@ -10,6 +12,7 @@ import {
   SupervisorStateEvent,
   WORKER_STATE,
 } from "../lib/supervisor.ts";
+import { WorkerControl } from "../lib/pipeline/worker_common.ts";
 import { FAULT, type StopStyle, type SupervisedInit, WORD } from "./fixtures/supervisor_worker.ts";
 import { sleep } from "./wait.ts";
 
@@ -166,7 +169,7 @@ Deno.test("Supervisor reports a beating worker running and stops it gracefully",
   sup.control[WORD.memo] = 41;
   sup.start();
   assert.equal(sup.state, "starting");
-  assert.equal(Atomics.load(sup.control, CONTROL_WORD.state), WORKER_STATE.starting);
+  assert.equal(stateOf(Atomics.load(sup.control, CONTROL_WORD.state)), WORKER_STATE.starting);
   await rec.until("running", () => sup.state === "running");
   await rec.until("ticks", () => rec.of("tick").length >= 3);
 
@@ -535,6 +538,40 @@ Deno.test("Supervisor control word layout leaves words 8 and up to the caller", 
   const states = Object.values(WORKER_STATE);
   assert.equal(new Set(states).size, states.length);
   assert.ok(!states.includes(0 as never), "0 means no state written yet");
+});
+
+Deno.test("A retired worker's late state write does not land over its successor's", () => {
+  // The interleaving no timing can force: incarnation 0 saw that it was current, then lost the CPU
+  // while the supervisor retired it and wrote `starting` for incarnation 1 (the incarnation word
+  // is not looked at again). A plain store put `stopped` over the successor's word, and the
+  // supervisor took the successor for finished: no restart.
+  const control = new SharedArrayBuffer(32 * 4);
+  const words = new Int32Array(control);
+  Atomics.store(words, CONTROL_WORD.state, stateWord(0, WORKER_STATE.starting));
+  const old = new WorkerControl({ control, incarnation: 0 });
+  old.state = "running";
+  assert.equal(words[CONTROL_WORD.state], stateWord(0, WORKER_STATE.running));
+  Atomics.store(words, CONTROL_WORD.state, stateWord(1, WORKER_STATE.starting));
+  old.state = "stopped";
+  assert.equal(words[CONTROL_WORD.state], stateWord(1, WORKER_STATE.starting));
+  Atomics.store(words, CONTROL_WORD.incarnation, 1);
+  const successor = new WorkerControl({ control, incarnation: 1 });
+  successor.state = "running";
+  assert.equal(stateOf(words[CONTROL_WORD.state]!), WORKER_STATE.running);
+});
+
+Deno.test("A retired incarnation's state word is one no worker can write", async () => {
+  const { sup, rec } = supervise({ backoff: { initialMs: 60_000, maxMs: 60_000, factor: 2 } });
+  sup.start();
+  await rec.until("running", () => sup.state === "running");
+  sup.control[WORD.fault] = FAULT.throw;
+  await rec.until("backoff", () => sup.state === "backoff");
+  assert.equal(sup.status.workerState, "stopped");
+  // The crashed incarnation 0 (it may still run: terminate() does not stop a busy worker).
+  const old = new WorkerControl({ control: sup.buffer, incarnation: 0 });
+  old.state = "running";
+  assert.equal(sup.status.workerState, "stopped");
+  await sup.stop();
 });
 
 Deno.test("Supervisor.start during a stop starts a new worker once the stop completes", async () => {

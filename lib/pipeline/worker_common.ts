@@ -9,7 +9,12 @@ import { AlsaError, Pcm, type PcmOptions } from "../../ffi/alsa.ts";
 import { LibraryNotFoundError } from "../../ffi/library.ts";
 import { libc } from "../../ffi/libc.ts";
 import type { Registry } from "../metrics.ts";
-import { CONTROL_WORD, WORKER_STATE, type WorkerStateName } from "../supervisor.ts";
+import {
+  CONTROL_WORD,
+  storeWorkerState,
+  WORKER_STATE,
+  type WorkerStateName,
+} from "../supervisor.ts";
 import {
   CONTROL,
   FAULT,
@@ -28,6 +33,11 @@ import {
  * a worker that finds another incarnation than its own there is *retired* — {@link stopRequested}
  * holds, and it writes nothing shared any more (heartbeat, state, pipeline words, orphan slots),
  * so that it cannot pass for its successor. It goes on to unwind its loops as after a stop.
+ * The look and the write are two steps, and a worker can lose the CPU between them: its state is
+ * therefore written with a compare-and-swap tagged with its incarnation (`storeWorkerState`), which
+ * fails once the supervisor has moved on. The heartbeat and pipeline words keep the two steps: at
+ * most one late write each — one beat more for the successor, a change counter one too high, a
+ * `nextSeq` the successor overwrites with its next frame.
  *
  * **Native objects.** The worker lists what it holds in the orphan slots ({@link hold}). When an
  * incarnation is retired the service takes the listed objects over at once (it swaps the slots to
@@ -45,7 +55,7 @@ export class WorkerControl {
   /** Objects held while retired: never listed, freed by {@link release} itself. */
   readonly #unlisted = new Set<unknown>();
 
-  constructor(init: PipelineInit) {
+  constructor(init: Pick<PipelineInit, "control" | "incarnation" | "allowFaults">) {
     this.words = new Int32Array(init.control);
     this.#orphans = orphanSlots(init.control);
     this.#allowFaults = init.allowFaults === true;
@@ -111,8 +121,9 @@ export class WorkerControl {
     return Atomics.load(this.words, CONTROL_WORD.stop) !== 0 || this.retired;
   }
 
+  /** Writes this worker's state — never over a successor's (see `stateWord` in supervisor.ts). */
   set state(s: WorkerStateName) {
-    if (!this.retired) Atomics.store(this.words, CONTROL_WORD.state, WORKER_STATE[s]);
+    storeWorkerState(this.words, this.#incarnation, WORKER_STATE[s]);
   }
 
   /** Reads a pipeline word. */
