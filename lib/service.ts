@@ -203,6 +203,8 @@ class Pipeline {
       name: kind,
       spawn: (control, incarnation) => {
         const w = new Worker(WORKER_URLS[kind], { type: "module", name: `kvm-audio-${kind}` });
+        // No preset is applied until the new worker has made its encoder.
+        Atomics.store(new Int32Array(control), CONTROL.appliedPreset, -1);
         const exit = new SharedArrayBuffer(4);
         this.#exit = new Int32Array(exit);
         w.postMessage({ ...makeInit(control, incarnation, this.ring.buffer), exit });
@@ -212,7 +214,11 @@ class Pipeline {
     });
     this.supervisor.addEventListener(STATE_CHANGE_EVENT, (e) => {
       const to = (e as SupervisorStateEvent).to;
-      if (to === "backoff" || to === "broken" || to === "stopped") this.#takeOrphans();
+      if (to === "backoff" || to === "broken" || to === "stopped") {
+        // Nothing encodes now: the dead worker's preset is not "applied" (see appliedOutputPreset).
+        Atomics.store(this.supervisor.control, CONTROL.appliedPreset, -1);
+        this.#takeOrphans();
+      }
     });
   }
 
@@ -561,9 +567,9 @@ export class AudioService implements AsyncDisposable {
     this.#save();
     this.#writeControlWords();
     this.#changed();
-    if (!this.#output?.wanted) return "stored";
-    const from = encoding === null ? prev : OUTPUT_PRESETS[encoding];
-    return needsNewEncoder(from, next) ? "rebuilt" : "live";
+    // Not running, starting, in backoff or broken: the next worker starts with it.
+    if (!this.#output?.wanted || encoding === null) return "stored";
+    return needsNewEncoder(OUTPUT_PRESETS[encoding], next) ? "rebuilt" : "live";
   }
 
   /**
@@ -614,7 +620,10 @@ export class AudioService implements AsyncDisposable {
     };
   }
 
-  /** The preset the output worker currently encodes with (it applies changes between frames). */
+  /**
+   * The preset the output worker currently encodes with (it applies changes between frames);
+   * null while no worker has an encoder — stopped, starting, in backoff, breaker open.
+   */
   get appliedOutputPreset(): PresetName | null {
     const c = this.#output?.control;
     if (!c || !this.#output?.wanted) return null;

@@ -93,11 +93,12 @@ export function audioRoutes({ service, hub }: RouteDeps): RouteSpec[] {
       },
       schema: SCHEMAS.outputQuality,
       summary: "Output preset and its encoder settings",
-      description: "`encoding` is the preset the running encoder applied (null when stopped).",
+      description: "`encoding` is the preset the running encoder applied (null while no worker " +
+        "has an encoder: stopped, starting, restarting after a crash, breaker open).",
       setDescription:
         "`applied` says how: `live` (opus_encoder_ctl on the running encoder), `rebuilt` (new " +
         "encoder at a frame boundary: channels, frame duration or application changed), `stored` " +
-        "(the pipeline is not running) or `unchanged`. Works while the pipeline is disabled too " +
+        "(no encoder runs now; the next one starts with it) or `unchanged`. Works while the pipeline is disabled too " +
         "(the choice is kept).",
       set: (name) => service.setOutputPreset(name),
     },

@@ -496,6 +496,15 @@ Deno.test("health: 200 and ok, then degraded when a wanted pipeline's breaker op
     await until("the breaker", () => s.service.outputStatus().state === "broken");
   };
   await crashUntilBroken();
+  // Nothing encodes while the breaker is open: no preset is in use, and a change is stored for
+  // the next worker (the dead one's last preset used to pass for the encoder's: "rebuilt").
+  const q0 = (await call(app, "GET", "/api/audio/quality")).json!;
+  assert.equal(q0.encoding, null);
+  const wanted = q0.preset === "low" ? "ultra" : "low";
+  assert.deepEqual(
+    (await call(app, "PUT", "/api/audio/quality", { body: { preset: wanted } })).json,
+    { preset: wanted, applied: "stored" },
+  );
   h = await call(app, "GET", "/healthz");
   assert.equal(h.status, 200, "liveness: the API is up");
   assert.equal(h.json!.status, "degraded");
@@ -505,10 +514,13 @@ Deno.test("health: 200 and ok, then degraded when a wanted pipeline's breaker op
   const audio = (await call(app, "GET", "/api/audio")).json!;
   assert.equal((audio.breaker as Record<string, unknown>).open, true);
   assert.match(String((audio.breaker as Record<string, unknown>).lastError), /Injected fault/);
-  // POST start closes the breaker and runs again.
+  // POST start closes the breaker and runs again — with the stored preset, and none is in use
+  // until the new worker has made its encoder (the control word read 0, "low", before).
   const r = await call(app, "POST", "/api/audio/start");
   assert.equal(r.status, 200);
+  assert.equal((await call(app, "GET", "/api/audio/quality")).json!.encoding, null);
   await until("running again", () => s.service.outputStatus().state === "running");
+  await until("the stored preset in use", () => s.service.appliedOutputPreset === wanted);
   assert.equal((await call(app, "GET", "/healthz")).json!.status, "ok");
   const restarts = (await call(app, "GET", "/api/audio")).json!.restarts as number;
   assert.ok(restarts >= 2, `restarts ${restarts}`);
