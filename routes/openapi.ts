@@ -214,11 +214,15 @@ export function openApiDocument(
   const paths: Record<string, Record<string, unknown>> = {};
   for (const r of routes) {
     const responses: Record<string, ResponseSpec> = { ...r.responses };
-    if (r.body !== undefined || r.query !== undefined) {
-      responses[400] ??= errorResponse("Invalid body or parameter (names the field)");
-    }
+    // Every route checks its query (an unknown parameter is refused) and the declared length
+    // of a body (routes/app.ts), with or without a body of its own.
+    responses[400] ??= errorResponse(
+      r.body !== undefined || r.query !== undefined
+        ? "Invalid body or parameter, or an unknown parameter (names the field)"
+        : "Unknown query parameter or invalid Content-Length (names it)",
+    );
+    responses[413] ??= errorResponse("Body larger than the limit");
     if (r.body !== undefined) {
-      responses[413] ??= errorResponse("Body larger than the limit");
       responses[415] ??= errorResponse("Body is not application/json");
     }
     if (options.auth && r.auth !== "none") {

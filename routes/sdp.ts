@@ -12,6 +12,7 @@
 import { SDP_CONTENT_TYPE, sdpFor } from "../lib/transport/sdp.ts";
 import type { AudioService } from "../lib/service.ts";
 import { ApiError, type RouteSpec } from "./http.ts";
+import { SCHEMAS } from "./openapi.ts";
 
 /** What the route needs of the RTP sender. */
 export interface RtpOutInfo {
@@ -32,7 +33,10 @@ export function sdpRoutes(service: AudioService, rtpOut: RtpOutInfo | undefined)
     description: "404 when the service sends no RTP (no --rtp-out).",
     tag: "audio",
     auth: "bearer",
-    responses: { 200: { description: "Session description", contentType: SDP_CONTENT_TYPE } },
+    responses: {
+      200: { description: "Session description", contentType: SDP_CONTENT_TYPE },
+      404: { description: "No RTP output is configured", schema: SCHEMAS.error },
+    },
     handlers: [(c) => {
       const dest = rtpOut?.destinations[0];
       if (!rtpOut || !dest) {

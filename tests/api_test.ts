@@ -609,6 +609,12 @@ Deno.test("OpenAPI 3.1 document lists every route the app serves", async () => {
         "GET /openapi.json",
       ]
     ) assert.ok(documented.has(want), want);
+    for (const [path, ops] of Object.entries(doc.paths)) {
+      for (const [method, op] of Object.entries(ops)) {
+        const responses = op.responses as object;
+        assert.ok("400" in responses && "413" in responses, `${method} ${path}: 400 and 413`);
+      }
+    }
     const put = doc.paths["/api/audio/quality"]!.put!;
     assert.ok("requestBody" in put);
     assert.ok("400" in (put.responses as object) && "413" in (put.responses as object));
@@ -622,6 +628,26 @@ Deno.test("OpenAPI 3.1 document lists every route the app serves", async () => {
       assert.deepEqual(doc.paths["/healthz"]!.get!.security, []);
       assert.ok("401" in (doc.paths["/api/audio"]!.get!.responses as object));
     }
+  }
+});
+
+Deno.test("OpenAPI: what a route without a body or parameters refuses, and a missing SDP, are documented", async () => {
+  await using service = disabledService();
+  const app = createApp(service);
+  const doc = (await call(app, "GET", "/openapi.json")).json as {
+    paths: Record<string, Record<string, { responses: Record<string, unknown> }>>;
+  };
+  for (
+    const [path, status] of [
+      ["/api/audio?verbose=1", 400],
+      ["/healthz?x=1", 400],
+      ["/api/audio/sdp", 404],
+    ] as const
+  ) {
+    const r = await call(app, "GET", path);
+    assert.equal(r.status, status, path);
+    assert.equal(typeof r.json!.error, "string");
+    assert.ok(String(status) in doc.paths[path.split("?")[0]!]!.get!.responses, path);
   }
 });
 
