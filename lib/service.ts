@@ -451,6 +451,8 @@ export class AudioService implements AsyncDisposable {
     }
   }
 
+  #saveError: string | null = null;
+
   /**
    * Adds a listener called after every control change (preset, mute, start, stop), whoever made
    * it; returns its removal.
@@ -474,12 +476,22 @@ export class AudioService implements AsyncDisposable {
     if (!this.options.stateFile) return;
     try {
       writeControlState(this.options.stateFile, this.#state);
+      this.#saveError = null;
     } catch (e) {
-      log.error("Cannot save state file {path}: {error}", {
-        path: this.options.stateFile,
-        error: (e as Error).message,
-      });
+      const error = (e as Error).message;
+      // The change stands (it is in effect); only its survival of a restart is lost. Health says
+      // so until a save works again (routes/health.ts).
+      this.#saveError = `cannot save ${this.options.stateFile}: ${error}`;
+      log.error("Cannot save state file {path}: {error}", { path: this.options.stateFile, error });
     }
+  }
+
+  /**
+   * Why the last save of the state file failed — the control state in effect would not survive a
+   * restart; null when the last save worked, or none was needed.
+   */
+  get stateFileProblem(): string | null {
+    return this.#saveError;
   }
 
   /** The saved control state. */

@@ -71,12 +71,22 @@ export function readControlState(
 export function writeControlState(path: string, state: ControlState): void {
   const tmp = `${path}.${Deno.pid}.tmp`;
   const bytes = new TextEncoder().encode(JSON.stringify(state, null, 2) + "\n");
-  {
-    using f = Deno.openSync(tmp, { write: true, create: true, truncate: true });
-    for (let at = 0; at < bytes.length;) at += f.writeSync(bytes.subarray(at));
-    f.syncSync();
+  try {
+    {
+      using f = Deno.openSync(tmp, { write: true, create: true, truncate: true });
+      for (let at = 0; at < bytes.length;) at += f.writeSync(bytes.subarray(at));
+      f.syncSync();
+    }
+    Deno.renameSync(tmp, path);
+  } catch (e) {
+    // A full disk or a vanished directory: leave no half-written temporary file behind.
+    try {
+      Deno.removeSync(tmp);
+    } catch {
+      // Never created.
+    }
+    throw e;
   }
-  Deno.renameSync(tmp, path);
   try {
     using d = Deno.openSync(dirname(path), { read: true });
     d.syncSync();

@@ -6,7 +6,9 @@
  * bring back a missing device, and the supervisor already restarts crashed workers. The body says
  * `"status": "degraded"` (with each problem) when a pipeline that should run is not healthy: its
  * crash-loop breaker is open, it is backing off after a crash, its device cannot be opened, or it
- * stopped on its own. A pipeline stopped by the operator or disabled is not a problem.
+ * stopped on its own — or when the control state could not be saved to the state file (the change
+ * is in effect but would not survive a restart). A pipeline stopped by the operator or disabled is
+ * not a problem.
  *
  * @module
  */
@@ -55,8 +57,10 @@ export function health(service: AudioService) {
   const wanted = service.controlState;
   const output = pipelineHealth(service.outputStatus(), wanted.outputRunning);
   const microphone = pipelineHealth(service.microphoneStatus(), wanted.microphoneRunning);
-  const degraded = output.problem !== null || microphone.problem !== null;
-  return { status: degraded ? "degraded" : "ok", output, microphone } as const;
+  const stateFile = { problem: service.stateFileProblem };
+  const degraded = output.problem !== null || microphone.problem !== null ||
+    stateFile.problem !== null;
+  return { status: degraded ? "degraded" : "ok", output, microphone, stateFile } as const;
 }
 
 /** The health route. */
@@ -67,7 +71,8 @@ export function healthRoutes({ service }: RouteDeps): RouteSpec[] {
     operationId: "getHealth",
     summary: "Liveness and pipeline health",
     description: "200 whenever the API is up; `status` is `degraded` when a pipeline that " +
-      "should run is broken (breaker open), backing off, without its device, or ended. Open " +
+      "should run is broken (breaker open), backing off, without its device, or ended, or " +
+      "when the last change could not be saved to the state file. Open " +
       "without a token.",
     tag: "health",
     auth: "none",

@@ -190,6 +190,7 @@ export const SCHEMAS = {
     status: { type: "string", enum: ["ok", "degraded"] },
     output: health,
     microphone: health,
+    stateFile: object({ problem: nullable(str) }),
   }),
 } as const satisfies Record<string, JsonSchema>;
 

@@ -544,6 +544,41 @@ Deno.test("health: 200 and ok, then degraded when a wanted pipeline's breaker op
   assert.equal(s.service.outputStatus().supervisor?.breakerOpen, false);
 });
 
+Deno.test("health: a change that cannot be saved to the state file is in effect, and health says it would not survive a restart", async () => {
+  await using dir = await tempDir();
+  // The state file's directory is a regular file: every save fails (ENOTDIR).
+  await Deno.writeTextFile(`${dir.path}/blocked`, "");
+  await using service = new AudioService({
+    capture: null,
+    playback: null,
+    stateFile: `${dir.path}/blocked/state.json`,
+  });
+  const app = createApp(service);
+  let h = (await call(app, "GET", "/healthz")).json!;
+  assert.equal(h.status, "ok");
+  assert.deepEqual(h.stateFile, { problem: null });
+  const r = await call(app, "PUT", "/api/audio/mute", { body: { muted: true } });
+  assert.equal(r.status, 200);
+  assert.equal(service.muted, true, "the change is in effect");
+  h = (await call(app, "GET", "/healthz")).json!;
+  assert.equal(h.status, "degraded");
+  assert.match(
+    (h.stateFile as { problem: string }).problem,
+    /cannot save .*blocked\/state\.json: /,
+  );
+  // Once the directory is there the next change is saved, and health is ok again.
+  await Deno.remove(`${dir.path}/blocked`);
+  await Deno.mkdir(`${dir.path}/blocked`);
+  await call(app, "PUT", "/api/audio/mute", { body: { muted: false } });
+  h = (await call(app, "GET", "/healthz")).json!;
+  assert.equal(h.status, "ok");
+  assert.deepEqual(h.stateFile, { problem: null });
+  assert.equal(JSON.parse(await Deno.readTextFile(`${dir.path}/blocked/state.json`)).muted, false);
+  assert.deepEqual([...Deno.readDirSync(`${dir.path}/blocked`)].map((e) => e.name), [
+    "state.json",
+  ]);
+});
+
 Deno.test("health: a missing device makes it degraded", async () => {
   await using service = new AudioService({
     capture: "kvm_api_no_such_pcm",
