@@ -25,8 +25,8 @@ function isPreset(v: unknown): v is PresetName {
 /**
  * Reads the state file. A missing file gives `null`; an unreadable one (a directory, no
  * permission) or a corrupt one is reported through `onInvalid` and also gives `null` (the service
- * then starts from its flags rather than refusing to start). Fields that are missing or invalid
- * are left out.
+ * then starts from its flags rather than refusing to start). Fields that are missing are left out;
+ * an invalid one is left out and reported. Unknown fields are ignored (a newer version's).
  */
 export function readControlState(
   path: string,
@@ -48,16 +48,27 @@ export function readControlState(
     onInvalid(`Cannot read state file "${path}": ${(e as Error).message}`);
     return null;
   }
-  if (typeof raw !== "object" || raw === null) {
+  if (typeof raw !== "object" || raw === null || Array.isArray(raw)) {
     onInvalid(`Cannot read state file "${path}": expected a JSON object`);
     return null;
   }
   const r = raw as Record<string, unknown>;
   const out: Partial<ControlState> = {};
-  if (isPreset(r.outputPreset)) out.outputPreset = r.outputPreset;
-  if (isPreset(r.microphonePreset)) out.microphonePreset = r.microphonePreset;
+  // A field present with a value this version cannot use is said, not silently replaced by
+  // the flags' value (a hand edit "Ultra" for "ultra" would otherwise look like a lost setting).
+  const invalid = (k: string, expected: string) =>
+    onInvalid(
+      `Ignoring ${k} ${JSON.stringify(r[k])} in state file "${path}": expected ${expected}`,
+    );
+  for (const k of ["outputPreset", "microphonePreset"] as const) {
+    const v = r[k];
+    if (isPreset(v)) out[k] = v;
+    else if (v !== undefined) invalid(k, `one of ${PRESET_NAMES.join(", ")}`);
+  }
   for (const k of ["muted", "outputRunning", "microphoneRunning"] as const) {
-    if (typeof r[k] === "boolean") out[k] = r[k];
+    const v = r[k];
+    if (typeof v === "boolean") out[k] = v;
+    else if (v !== undefined) invalid(k, "true or false");
   }
   return out;
 }

@@ -343,6 +343,23 @@ Deno.test("control state is saved atomically and restored by a new service", asy
   const warnings: string[] = [];
   assert.equal(readControlState(dir.path, (m) => warnings.push(m)), null);
   assert.match(warnings[0] ?? "", /Cannot read state file ".*": .*[Dd]irectory/);
+  // An array, and fields with values this version cannot use: each said, the rest kept.
+  warnings.length = 0;
+  await Deno.writeTextFile(stateFile, "[]");
+  assert.equal(readControlState(stateFile, (m) => warnings.push(m)), null);
+  assert.match(warnings[0] ?? "", /expected a JSON object/);
+  warnings.length = 0;
+  await Deno.writeTextFile(
+    stateFile,
+    JSON.stringify({ outputPreset: "Ultra", muted: "true", microphonePreset: "low", future: 1 }),
+  );
+  assert.deepEqual(readControlState(stateFile, (m) => warnings.push(m)), {
+    microphonePreset: "low",
+  });
+  assert.deepEqual(warnings.map((w) => w.replace(/ in state file .*:/, ":")), [
+    'Ignoring outputPreset "Ultra": expected one of low, medium, high, ultra',
+    'Ignoring muted "true": expected true or false',
+  ]);
 });
 
 Deno.test("a pipeline disabled by a flag keeps its saved choice and is not started", async () => {
