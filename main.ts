@@ -10,7 +10,7 @@
 
 import { dirname } from "node:path";
 import { configureSync, getConsoleSink, getLogger } from "@logtape/logtape";
-import { ConfigError, helpText, parseConfig } from "./lib/config.ts";
+import { asksForHelp, ConfigError, helpText, hostPort, parseConfig } from "./lib/config.ts";
 import { AudioService } from "./lib/service.ts";
 import { runStartupCheck } from "./lib/startup_check.ts";
 import { RtpReceiver, RtpSender } from "./lib/transport/rtp.ts";
@@ -18,6 +18,10 @@ import { createApp } from "./routes/app.ts";
 
 /** Runs the service until SIGINT/SIGTERM. Returns the exit code. */
 export async function main(args: readonly string[]): Promise<number> {
+  if (asksForHelp(args)) {
+    console.log(helpText());
+    return 0;
+  }
   let config;
   try {
     config = parseConfig(args);
@@ -102,12 +106,12 @@ export async function main(args: readonly string[]): Promise<number> {
       ...(config.token ? { token: config.token } : {}),
       ...(sender ? { rtpOut: sender } : {}),
     });
-    step = `listen on http://${config.listen.hostname}:${config.listen.port}`;
+    step = `listen on http://${hostPort(config.listen)}`;
     server = Deno.serve({
       hostname: config.listen.hostname,
       port: config.listen.port,
       signal: ac.signal,
-      onListen: ({ hostname, port }) => log.info(`API listening on http://${hostname}:${port}`),
+      onListen: (addr) => log.info(`API listening on http://${hostPort(addr)}`),
     }, app.fetch);
   } catch (e) {
     log.error(`Cannot ${step}: {error}`, { error: (e as Error).message });

@@ -224,11 +224,44 @@ export function parseListen(v: string, flag = "listen"): { hostname: string; por
   return { hostname: m[1]!.replace(/^\[|\]$/g, ""), port: int(flag, m[2]!, 0, 65535) };
 }
 
+/** `host:port` as a URL writes it: an IPv6 address in brackets. */
+export function hostPort(a: { readonly hostname: string; readonly port: number }): string {
+  return a.hostname.includes(":") ? `[${a.hostname}]:${a.port}` : `${a.hostname}:${a.port}`;
+}
+
 function defaultStateFile(env: (k: string) => string | undefined): string | null {
   const dir = env("STATE_DIRECTORY")?.split(":")[0] ||
     (env("XDG_STATE_HOME") ? `${env("XDG_STATE_HOME")}/kvm-audio` : null) ||
     (env("HOME") ? `${env("HOME")}/.local/state/kvm-audio` : null);
   return dir ? `${dir}/state.json` : null;
+}
+
+type ArgValues = Record<string, string | boolean | string[] | undefined>;
+
+/** The command line as `node:util` parseArgs reads it. */
+function parseFlags(args: readonly string[]): ArgValues {
+  const options: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = {};
+  for (const f of FLAGS) {
+    options[f.flag] = f.kind === "boolean"
+      ? { type: "boolean" }
+      : f.kind === "list"
+      ? { type: "string", multiple: true }
+      : { type: "string" };
+  }
+  return parseArgs({ args: [...args], options, strict: true, allowPositionals: false })
+    .values as ArgValues;
+}
+
+/**
+ * Whether the command line asks for `--help` — looked at before anything is validated, so that
+ * help is shown whatever the environment holds (a bad `KVM_AUDIO_*` value made `--help` fail).
+ */
+export function asksForHelp(args: readonly string[]): boolean {
+  try {
+    return parseFlags(args).help === true;
+  } catch {
+    return false; // An unknown flag: parseConfig says which.
+  }
 }
 
 /**
@@ -239,24 +272,25 @@ export function parseConfig(
   args: readonly string[],
   env: (name: string) => string | undefined = (k) => Deno.env.get(k),
 ): Config {
-  const options: Record<string, { type: "string" | "boolean"; multiple?: boolean }> = {};
-  for (const f of FLAGS) {
-    options[f.flag] = f.kind === "boolean"
-      ? { type: "boolean" }
-      : f.kind === "list"
-      ? { type: "string", multiple: true }
-      : { type: "string" };
-  }
-  let values: Record<string, string | boolean | string[] | undefined>;
+  let values: ArgValues;
   try {
-    values = parseArgs({ args: [...args], options, strict: true, allowPositionals: false })
-      .values as Record<string, string | boolean | string[] | undefined>;
+    values = parseFlags(args);
   } catch (e) {
     throw new ConfigError(`${(e as Error).message}; see --help`);
   }
   const get = (flag: string): string | undefined => {
     const spec = FLAGS.find((f) => f.flag === flag)!;
     const v = values[flag];
+    // An empty flag value is a mistake (an unset shell variable: --state-file "$DIR"), not a
+    // choice: it turned saving off, or named the PCM "". An empty variable counts as unset, as
+    // systemd's environment files write it.
+    if (v === "") {
+      throw new ConfigError(
+        `Invalid --${flag} "": expected a value; leave the flag out for the default${
+          flag === "state-file" ? ', or give "none" for no state file' : ""
+        }`,
+      );
+    }
     if (typeof v === "string") return v;
     const e = env(spec.env);
     return e !== undefined && e !== "" ? e : spec.def;
@@ -295,7 +329,7 @@ export function parseConfig(
   }
   if (!isLoopback(listen.hostname) && !token) {
     throw new ConfigError(
-      `Refusing --listen ${listen.hostname}:${listen.port} without a token: set --token or ` +
+      `Refusing --listen ${hostPort(listen)} without a token: set --token or ` +
         `KVM_AUDIO_TOKEN, or listen on 127.0.0.1`,
     );
   }

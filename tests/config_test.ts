@@ -1,5 +1,13 @@
 import assert from "node:assert/strict";
-import { ConfigError, FLAGS, helpText, parseConfig, parseListen } from "../lib/config.ts";
+import {
+  asksForHelp,
+  ConfigError,
+  FLAGS,
+  helpText,
+  parseConfig,
+  parseListen,
+} from "../lib/config.ts";
+import { main } from "../main.ts";
 import { runStartupCheck } from "../lib/startup_check.ts";
 import { tempDir } from "./audio_util.ts";
 import { until } from "./wait.ts";
@@ -72,6 +80,34 @@ Deno.test("bad flags are errors naming the flag and the allowed values", () => {
     () => parseConfig(["--rtp-in", "5004", "--no-mic"], noEnv),
     /Refusing --rtp-in 5004 with --no-mic/,
   );
+  // An empty flag value is refused (an unset shell variable): it turned saving off silently.
+  // An empty variable is unset, as systemd environment files write it.
+  assert.throws(
+    () => parseConfig(["--state-file", ""], noEnv),
+    /Invalid --state-file "": expected a value; .* "none" for no state file/,
+  );
+  assert.throws(() => parseConfig(["--capture", ""], noEnv), /Invalid --capture "": /);
+  const home = (k: string) =>
+    k === "HOME" ? "/home/op" : k === "KVM_AUDIO_STATE_FILE" ? "" : undefined;
+  assert.equal(parseConfig([], home).stateFile, "/home/op/.local/state/kvm-audio/state.json");
+});
+
+Deno.test("--help is answered whatever the environment holds", async () => {
+  assert.equal(asksForHelp(["--help"]), true);
+  assert.equal(asksForHelp(["--capture", "hw:0,0"]), false);
+  assert.equal(asksForHelp(["--bogus", "--help"]), false, "parseConfig names the unknown flag");
+  // A value main refuses (exit 2) in the environment: --help still prints the help (exit 0).
+  Deno.env.set("KVM_AUDIO_LISTEN", "0.0.0.0:8080");
+  const printed: string[] = [];
+  const log = console.log;
+  console.log = (...a: unknown[]) => printed.push(a.join(" "));
+  try {
+    assert.equal(await main(["--help"]), 0);
+  } finally {
+    console.log = log;
+    Deno.env.delete("KVM_AUDIO_LISTEN");
+  }
+  assert.equal(printed.join("\n"), helpText());
 });
 
 Deno.test("listening off loopback requires a token", () => {
@@ -82,6 +118,11 @@ Deno.test("listening off loopback requires a token", () => {
   parseConfig(["--listen", "localhost:1"], noEnv);
   parseConfig(["--listen", "127.0.0.2:1"], noEnv);
   parseConfig(["--listen", "[::1]:1"], noEnv);
+  // An IPv6 address is named as it is written: in brackets.
+  assert.throws(
+    () => parseConfig(["--listen", "[::]:8080"], noEnv),
+    /--listen \[::\]:8080 without/,
+  );
   // Only address literals count: a name that starts with "127." may resolve anywhere.
   for (const host of ["127.evil.example.com", "127.0.0.300", "127.0.0.1.example.com"]) {
     assert.throws(
