@@ -86,10 +86,36 @@ const capitalized = (s: string) => s[0]!.toUpperCase() + s.slice(1);
  * in `arraybuffer` mode. Deno's own upgrade, not Hono's helper: that one compares the `Upgrade`
  * header with "websocket" case-sensitively and refused `Upgrade: WebSocket` (RFC 6455: the value
  * is case-insensitive). A request Deno cannot upgrade (no `Sec-WebSocket-Key`, no `Connection:
- * Upgrade`) is a 400 saying why.
+ * Upgrade`), or with a malformed key, is a 400 saying why; a version other than 13 is a 426.
  */
 function acceptWebSocket(connect: (c: Context<AppEnv>) => StreamPeer): MiddlewareHandler<AppEnv> {
   return function upgradeToWebSocket(c) {
+    // What Deno does not check (RFC 6455 §4.2.1–4.2.2): the protocol version — 13, the only one
+    // there is; another is a 426 naming it — and a key of 16 bytes in base64.
+    const version = c.req.header("sec-websocket-version");
+    if (version?.trim() !== "13") {
+      throw new ApiError(
+        426,
+        `Cannot upgrade to a WebSocket of version ${
+          JSON.stringify(version ?? null)
+        }: expected Sec-WebSocket-Version: 13`,
+        {
+          field: "Sec-WebSocket-Version",
+          allowed: ["13"],
+          headers: { "Sec-WebSocket-Version": "13" },
+        },
+      );
+    }
+    const key = c.req.header("sec-websocket-key")?.trim();
+    if (key !== undefined && !/^[A-Za-z0-9+/]{21}[AQgw]==$/.test(key)) {
+      throw new ApiError(
+        400,
+        `Cannot upgrade to a WebSocket with Sec-WebSocket-Key ${
+          JSON.stringify(key)
+        }: expected 16 bytes in base64`,
+        { field: "Sec-WebSocket-Key" },
+      );
+    }
     let upgraded: { response: Response; socket: WebSocket };
     try {
       upgraded = Deno.upgradeWebSocket(c.req.raw);

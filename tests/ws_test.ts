@@ -688,7 +688,7 @@ Deno.test("listen stream: a stalled TCP peer is dropped-oldest and closed; a hea
   }
 });
 
-Deno.test("the talk stream upgrades whatever the case of the Upgrade header (both streams share the upgrade); a broken handshake is a 400", async () => {
+Deno.test("the talk stream upgrades whatever the case of the Upgrade header (both streams share the upgrade); a broken handshake is refused (400, or 426 for the version)", async () => {
   await using dir = await tempDir();
   const talk = await talkService(dir.path);
   using _cfg = talk.alsa;
@@ -700,19 +700,36 @@ Deno.test("the talk stream upgrades whatever the case of the Upgrade header (bot
     const { conn } = await rawWebSocket(server.port, "/api/microphone/stream", upgrade);
     conn.close();
   }
-  // No Sec-WebSocket-Key: not upgradable, and the answer says why.
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
-  try {
-    await conn.write(new TextEncoder().encode(
-      "GET /api/microphone/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-        "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    ));
-    const buf = new Uint8Array(4096);
-    const n = await conn.read(buf);
-    const text = new TextDecoder().decode(buf.subarray(0, n ?? 0));
-    assert.match(text, /^HTTP\/1\.1 400 /);
-    assert.match(text, /Cannot upgrade to a WebSocket/);
-  } finally {
-    conn.close();
+  // A broken handshake is refused and the answer says why: no Sec-WebSocket-Key, a key that is
+  // not 16 bytes in base64, a version other than 13 (426 naming the one there is) or none (all
+  // three but the first were upgraded).
+  const handshake = async (headers: string) => {
+    const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.port });
+    try {
+      await conn.write(new TextEncoder().encode(
+        "GET /api/microphone/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+          `Connection: Upgrade\r\n${headers}\r\n`,
+      ));
+      const buf = new Uint8Array(4096);
+      const n = await conn.read(buf);
+      return new TextDecoder().decode(buf.subarray(0, n ?? 0));
+    } finally {
+      conn.close();
+    }
+  };
+  const key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n";
+  let text = await handshake("Sec-WebSocket-Version: 13\r\n");
+  assert.match(text, /^HTTP\/1\.1 400 /);
+  assert.match(text, /Cannot upgrade to a WebSocket/);
+  text = await handshake("Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x\r\n");
+  assert.match(text, /^HTTP\/1\.1 400 /);
+  assert.match(text, /Sec-WebSocket-Key \\"x\\": expected 16 bytes in base64/);
+  for (const version of ["Sec-WebSocket-Version: 8\r\n", ""]) {
+    text = await handshake(version + key);
+    assert.match(text, /^HTTP\/1\.1 426 /, version);
+    assert.match(text, /\r\nsec-websocket-version: 13\r\n/i);
+    assert.match(text, /expected Sec-WebSocket-Version: 13/);
   }
+  // The RFC's own sample key, version 13: upgraded.
+  assert.match(await handshake("Sec-WebSocket-Version: 13\r\n" + key), /^HTTP\/1\.1 101 /);
 });
