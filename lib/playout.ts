@@ -163,8 +163,15 @@ export interface PlayoutOptions {
   frameSamples: number;
   /** Smallest target depth, frames (default 1). */
   minDepth?: number;
-  /** Largest target depth, frames (default 8). */
+  /** Largest target depth, frames (default 8) — at short frames see `maxDepthMs`. */
   maxDepth?: number;
+  /**
+   * The depth cap's floor in time, ms (default 80): with short frames the cap is
+   * `ceil(maxDepthMs / frameMs)` frames when that is more than `maxDepth` (at most
+   * `capacity − 2`). Eight 2.5 ms frames are 20 ms: a sender that sends a 20 ms burst of them
+   * (ffmpeg does) overflowed the cap on every burst.
+   */
+  maxDepthMs?: number;
   /** Packet slots: the reorder window (default 32, at least `maxDepth + 2`). */
   capacity?: number;
   /** Largest accepted payload, bytes (default 1500). */
@@ -329,8 +336,13 @@ function frameSamplesOption(value: unknown): number {
 export class PlayoutBuffer {
   /** Smallest target depth, frames. */
   readonly minDepth: number;
-  /** Largest target depth, frames. */
-  readonly maxDepth: number;
+  /** Largest target depth for the current frame size, frames (see `maxDepthMs`). */
+  get maxDepth(): number {
+    return this.#maxDepth;
+  }
+  #maxDepth: number;
+  readonly #maxDepthFrames: number;
+  readonly #maxDepthMs: number;
   /** Packet slots. */
   readonly capacity: number;
   /** Largest accepted payload, bytes. */
@@ -400,8 +412,15 @@ export class PlayoutBuffer {
     this.#frameSamples = frameSamplesOption(options.frameSamples);
     this.#frameMs = this.#frameSamples / TICKS_PER_MS;
     this.minDepth = integerOption("minDepth", options.minDepth ?? 1, 1, 1024);
-    this.maxDepth = integerOption("maxDepth", options.maxDepth ?? 8, this.minDepth, 1024);
-    this.capacity = integerOption("capacity", options.capacity ?? 32, this.maxDepth + 2, SEQ_HALF);
+    this.#maxDepthFrames = integerOption("maxDepth", options.maxDepth ?? 8, this.minDepth, 1024);
+    this.#maxDepthMs = numberOption("maxDepthMs", options.maxDepthMs ?? 80, 0, 60000, false);
+    this.capacity = integerOption(
+      "capacity",
+      options.capacity ?? 32,
+      this.#maxDepthFrames + 2,
+      SEQ_HALF,
+    );
+    this.#maxDepth = this.#maxDepthFor(this.#frameMs);
     this.maxPacketBytes = integerOption("maxPacketBytes", options.maxPacketBytes ?? 1500, 1, 65536);
     this.#initialDepth = Math.min(
       this.maxDepth,
@@ -475,6 +494,11 @@ export class PlayoutBuffer {
     return this.#stats;
   }
 
+  #maxDepthFor(frameMs: number): number {
+    const floor = Math.min(this.capacity - 2, Math.ceil(this.#maxDepthMs / frameMs - 1e-9));
+    return Math.max(this.#maxDepthFrames, floor);
+  }
+
   /** Current frame size, samples per channel at 48 kHz. */
   get frameSamples(): number {
     return this.#frameSamples;
@@ -482,7 +506,7 @@ export class PlayoutBuffer {
 
   /**
    * Changes the frame size (the sender changed its frame duration). Depths stay counted in
-   * frames; the smoothed depth is rescaled to the new frame length and pending drift decisions
+   * frames (the cap follows `maxDepthMs`); the smoothed depth is rescaled to the new frame length and pending drift decisions
    * restart. Throws `RangeError` unless `n` is an Opus frame size.
    */
   setFrameSamples(n: number): void {
@@ -491,6 +515,7 @@ export class PlayoutBuffer {
     const oldMs = this.#frameMs;
     this.#frameSamples = samples;
     this.#frameMs = samples / TICKS_PER_MS;
+    this.#maxDepth = this.#maxDepthFor(this.#frameMs);
     if (this.#playing) {
       this.#stats.smoothedDepth = (this.#stats.smoothedDepth - 0.5) * oldMs / this.#frameMs + 0.5;
     }

@@ -693,6 +693,33 @@ Deno.test("PlayoutBuffer drops the oldest frames at once when a stall leaves it 
   assertPacketAccounting(s);
 });
 
+Deno.test("PlayoutBuffer caps its depth in time for short frames: 2.5 ms frames sent in 20 ms bursts all play", () => {
+  // ffmpeg sends 2.5 ms packets eight at a time every 20 ms (it encodes what one read gave it).
+  // A cap of 8 frames (20 ms) dropped most of every burst's tail: 50 overflow drops in 4 s.
+  const buf = new PlayoutBuffer({ frameSamples: 120 });
+  assert.equal(buf.maxDepth, 30, "80 ms, within the reorder window (capacity 32 − 2)");
+  let next = 0;
+  for (let burst = 0; burst < 200; burst++) {
+    const at = burst * 20 + 1;
+    for (let k = 0; k < 8; k++) {
+      const seq = burst * 8 + k;
+      assert.equal(buf.push(seq, seq * 120, at, tag(seq)), "accepted");
+    }
+    // The device takes one frame every 2.5 ms.
+    for (; next * 2.5 < (burst + 1) * 20; next++) buf.next(next * 2.5 + 5);
+  }
+  const s = buf.stats;
+  assert.equal(s.overflowDrops, 0);
+  assert.equal(s.played, 1600 - s.buffered);
+  assertPacketAccounting(s);
+  // The cap follows the frame size: 16 frames of 5 ms, 8 of 10, 20 or 60 ms (the frames' cap).
+  for (const [samples, cap] of [[240, 16], [480, 8], [960, 8], [2880, 8]]) {
+    buf.setFrameSamples(samples!);
+    assert.equal(buf.maxDepth, cap, `${samples} samples`);
+  }
+  assert.equal(new PlayoutBuffer({ frameSamples: 120, maxDepthMs: 0 }).maxDepth, 8);
+});
+
 Deno.test("PlayoutBuffer waits for a late packet when nothing is buffered: a pause or a delay step loses nothing", () => {
   // A steady stream, then the network delay rises by 60 ms at once (or the sender pauses for
   // 60 ms with its sequence numbers continuous, as DTX and a muted page do); no packet is lost.
