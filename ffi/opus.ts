@@ -90,8 +90,11 @@ export type OpusBandwidthName = keyof typeof OpusBandwidth;
 
 /** Sample rates libopus accepts. */
 export const OPUS_RATES = [8000, 12000, 16000, 24000, 48000] as const;
-/** Frame durations (ms) an Opus encoder accepts for one `opus_encode` call. */
-export const OPUS_FRAME_MS = [2.5, 5, 10, 20, 40, 60] as const;
+/**
+ * Frame durations (ms) an Opus encoder accepts for one `opus_encode` call (80–120 ms since
+ * libopus 1.2: packets of several 20 ms frames).
+ */
+export const OPUS_FRAME_MS = [2.5, 5, 10, 20, 40, 60, 80, 100, 120] as const;
 /** Largest Opus packet (RFC 6716 §3.4 R2: 1275 bytes per frame, up to 120 ms). */
 export const OPUS_MAX_PACKET = 1275 * 3 + 7;
 /** Largest frame, 120 ms, in samples per channel at 48 kHz. */

@@ -734,7 +734,7 @@ export class AudioService implements AsyncDisposable {
 
   /**
    * Validates a received microphone packet and queues it for the input worker. A malformed packet
-   * (empty, oversized, unparseable TOC, longer than 60 ms, bad sequence/timestamp) is counted and
+   * (empty, oversized, unparseable TOC, not 2.5–120 ms, bad sequence/timestamp) is counted and
    * dropped; it never reaches the decoder. `newStream` marks the first packet of a new sender's
    * stream (a new talker connection): the playout buffer starts over at its number instead of
    * judging it against the previous sender's (see `PlayoutBuffer.push`). A caller whose marked

@@ -53,12 +53,13 @@ async function pushToneFlat(
   p: Preset,
   freq: number,
   seconds: number,
+  frameMs: number = p.frameMs,
 ): Promise<number> {
-  const frame = frameSamples(p);
+  const frame = 48 * frameMs;
   using enc = OpusEncoder.create({ channels: 1, application: p.application }, encoderSettings(p));
   const pcm = tone({ freq, frames: 48000 * seconds, amplitude: 0.4 });
   const buf = new Uint8Array(1500);
-  const total = (48000 * seconds) / frame;
+  const total = Math.floor((48000 * seconds) / frame);
   const deadline = Date.now() + 20_000;
   let pushed = 0;
   while (pushed < total) {
@@ -290,6 +291,33 @@ Deno.test("input pipeline, flat pacing: one frame per packet as fast as packets 
     `level ${rmsDb(mid).toFixed(2)} vs ${want.toFixed(2)}`,
   );
 });
+
+// RFC 7587 allows packets of up to 120 ms (libopus and ffmpeg make 80, 100 and 120 ms ones): they
+// were refused as malformed ("duration"), and the microphone stayed silent.
+for (const ms of [80, 120]) {
+  test(`input pipeline: ${ms} ms packets play`, async () => {
+    await using dir = await tempDir();
+    const { service, outfile, restore } = await playbackService(dir.path, {
+      pace: "flat",
+      metricsIntervalMs: 50,
+    });
+    using _ = restore;
+    const seconds = 3;
+    service.start();
+    const total = await pushToneFlat(service, MICROPHONE_PRESETS.low, 700, seconds, ms);
+    await service.close();
+    const json = service.metrics.toJSON();
+    assert.equal(counter(json, "kvm_audio_input_packets_malformed_total"), 0);
+    assert.equal(counter(json, "kvm_audio_input_packets_decoded_total"), total);
+    const mono = channel(await readRaw(outfile), 2);
+    const start = mono.findIndex((v) => Math.abs(v) > 0.05);
+    assert.ok(start >= 0, "the tone was played");
+    assert.ok(mono.length - start >= 48000 * (seconds - 0.2), `${mono.length - start} samples`);
+    const mid = mono.subarray(start + 24000, start + 48000 * (seconds - 1));
+    assert.ok(Math.abs(dominantFrequency(mid, 48000) - 700) < 6);
+    assert.ok(rmsDb(mid) > -14 && rmsDb(mid) < -8, `level ${rmsDb(mid)}`);
+  });
+}
 
 for (const [rate, channels] of [[44100, 4], [32000, 1], [44100, 6]] as const) {
   test(`input pipeline: a ${rate} Hz ${channels}-channel playback device gets the tone, resampled`, async () => {

@@ -52,7 +52,7 @@ import {
   WorkerControl,
 } from "./worker_common.ts";
 
-const MAX_FRAME = 2880; // 60 ms at 48 kHz
+const MAX_FRAME = 5760; // 120 ms at 48 kHz: the longest packet (microphone_packet.ts)
 
 /**
  * How long the RTP source playing must have been quiet before another SSRC takes over at its

@@ -9,8 +9,21 @@
 import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../../ffi/opus.ts";
 import { INPUT_RING } from "./messages.ts";
 
-/** Samples per channel a microphone packet may carry (2.5, 5, 10, 20, 40, 60 ms at 48 kHz). */
-export const PACKET_SAMPLES: ReadonlySet<number> = new Set([120, 240, 480, 960, 1920, 2880]);
+/**
+ * Samples per channel a microphone packet may carry: one encoder call's worth at 48 kHz — 2.5, 5,
+ * 10, 20, 40, 60, 80, 100 or 120 ms (RFC 7587's longest; libopus and ffmpeg make them all).
+ */
+export const PACKET_SAMPLES: ReadonlySet<number> = new Set([
+  120,
+  240,
+  480,
+  960,
+  1920,
+  2880,
+  3840,
+  4800,
+  5760,
+]);
 
 /** The longest microphone packet: what Opus allows and an input ring slot holds. */
 export const MAX_MICROPHONE_PACKET = Math.min(OPUS_MAX_PACKET, INPUT_RING.slotBytes);
@@ -22,7 +35,7 @@ export type MicrophoneMalformed = "sequence" | "timestamp" | "size" | "toc" | "d
  * The samples per channel of a valid microphone packet, or why it is malformed: a sequence
  * number outside 0–65535, a timestamp outside 0–2³²−1, an empty or oversized packet, an
  * unparseable TOC, or a duration an encoder does not produce in one call (one playout frame per
- * packet: 2.5 to 60 ms).
+ * packet: 2.5 to 120 ms).
  */
 export function checkMicrophonePacket(
   packet: Uint8Array,
