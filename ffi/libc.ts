@@ -37,6 +37,8 @@ const symbols = {
   close: { parameters: ["i32"], result: "i32" },
   // int *__errno_location(void);   the calling thread's errno
   __errno_location: { parameters: [], result: "pointer" },
+  // unsigned int if_nametoindex(const char *ifname);   an IPv6 zone ("fe80::1%eth0") → scope id
+  if_nametoindex: { parameters: ["buffer"], result: "u32" },
   // char *strerror(int errnum);
   strerror: { parameters: ["i32"], result: "pointer" },
 } as const satisfies Deno.ForeignLibraryInterface;

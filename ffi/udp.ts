@@ -100,8 +100,32 @@ export function socketAddress(address: string, port: number): Uint8Array {
   v.setUint16(0, family === 4 ? AF_INET : AF_INET6, true);
   v.setUint16(2, port, false);
   if (family === 4) sa.set(address.split(".").map(Number), 4);
-  else sa.set(ipv6Bytes(address), 8);
+  else {
+    sa.set(ipv6Bytes(address), 8);
+    v.setUint32(24, scopeId(address), true);
+  }
   return sa;
+}
+
+/**
+ * `sin6_scope_id` of an IPv6 literal: its zone (`fe80::1%eth0`, or `%2`) as an interface index, 0
+ * without one. A link-local address is ambiguous without it: Linux refuses to send to one with
+ * scope 0 (EINVAL), so the zone was dropped at the cost of every packet.
+ *
+ * @throws {RangeError} when the zone names no interface of this machine
+ */
+function scopeId(address: string): number {
+  const at = address.indexOf("%");
+  if (at < 0) return 0;
+  const zone = address.slice(at + 1);
+  if (/^[0-9]+$/.test(zone)) return Number(zone);
+  const index = libc().if_nametoindex(new TextEncoder().encode(zone + "\0"));
+  if (index === 0) {
+    throw new RangeError(
+      `Invalid address "${address}": no network interface "${zone}" on this machine`,
+    );
+  }
+  return index;
 }
 
 /** Milliseconds in a `struct timespec` (two 64-bit words, read as 32-bit halves: no BigInt). */

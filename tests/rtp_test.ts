@@ -334,6 +334,9 @@ Deno.test("sdpFor describes the stream for a receiver at the destination", () =>
   assert.ok(v6.includes("a=fmtp:97 stereo=0;sprop-stereo=0;useinbandfec=1"));
   assert.ok(v6.includes("a=ptime:10"));
   assert.equal(SDP_CONTENT_TYPE, "application/sdp");
+  // A zone is this machine's own: not in the description (the line was invalid SDP).
+  const zoned = sdpFor({ address: "fe80::1%lo", port: 6000 }, { payloadType: 97, channels: 2 });
+  assert.ok(zoned.split("\r\n").includes("c=IN IP6 fe80::1"), zoned);
   const d = { address: "127.0.0.1", port: 5004 };
   assert.throws(
     () => sdpFor({ address: "host.lan", port: 5004 }, { payloadType: 111, channels: 2 }),
@@ -377,6 +380,23 @@ Deno.test("parseHostPort and parseListenAddress accept HOST:PORT and explain wha
   }
   assert.throws(() => parseHostPort(5004), TypeError);
   assert.throws(() => parseListenAddress("70000"), RangeError);
+});
+
+Deno.test("socketAddress carries an IPv6 zone as the scope id: a link-local destination needs it", () => {
+  // Linux refuses a send to a link-local address of scope 0 (EINVAL): the zone was dropped.
+  const scope = (a: Uint8Array) => new DataView(a.buffer).getUint32(24, true);
+  // The loopback interface is the first a network namespace registers: index 1.
+  assert.equal(scope(socketAddress("fe80::1%lo", 5004)), 1);
+  assert.equal(scope(socketAddress("fe80::1%7", 5004)), 7);
+  assert.equal(scope(socketAddress("fe80::1", 5004)), 0);
+  assert.deepEqual(
+    socketAddress("fe80::1%lo", 5004).subarray(8, 24),
+    socketAddress("fe80::1", 5004).subarray(8, 24),
+  );
+  assert.throws(
+    () => socketAddress("fe80::1%nope0", 5004),
+    /Invalid address "fe80::1%nope0": no network interface "nope0"/,
+  );
 });
 
 Deno.test("RTP destinations: multicast needs permission, broadcast and unspecified never", async () => {

@@ -105,7 +105,8 @@ export function sdpFor(destination: SdpDestination, options: SdpOptions): string
     "v=0",
     `o=- ${sessionId} ${sessionVersion} IN ${originType} ${origin}`,
     "s=kvm-audio",
-    `c=IN ${type} ${destination.address}`,
+    // A zone ("%eth0") is this machine's name for a link; SDP has no place for it (RFC 8866).
+    `c=IN ${type} ${destination.address.replace(/%.*$/, "")}`,
     "t=0 0",
     `m=audio ${port} RTP/AVP ${pt}`,
     `a=rtpmap:${pt} opus/48000/2`,
