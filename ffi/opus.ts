@@ -62,6 +62,8 @@ export const OpusRequest = {
   GET_FINAL_RANGE: 4031,
   SET_GAIN: 4034,
   GET_LAST_PACKET_DURATION: 4039,
+  SET_PREDICTION_DISABLED: 4042,
+  GET_PREDICTION_DISABLED: 4043,
   GET_GAIN: 4045,
   GET_IN_DTX: 4049,
 } as const;
@@ -361,6 +363,7 @@ const GET_REQUESTS = new Set<number>([
   OpusRequest.GET_APPLICATION,
   OpusRequest.GET_BANDWIDTH,
   OpusRequest.GET_IN_DTX,
+  OpusRequest.GET_PREDICTION_DISABLED,
 ]);
 
 const destroyEncoder = (p: Deno.PointerObject) => opus().opus_encoder_destroy(p);
@@ -568,6 +571,25 @@ export class OpusEncoder extends NativeState {
   /** Whether the last frame was coded as DTX silence. */
   get inDtx(): boolean {
     return this.ctlGet(OpusRequest.GET_IN_DTX) !== 0;
+  }
+
+  /**
+   * Whether inter-frame prediction is off (`OPUS_SET_PREDICTION_DISABLED`): each frame is coded
+   * (almost) on its own, at some cost in quality. For the first frame after a discontinuity a
+   * running decoder did not see — a new or reset encoder — so that the decoder's memory of the
+   * audio before cannot turn it into a burst.
+   */
+  get predictionDisabled(): boolean {
+    return this.ctlGet(OpusRequest.GET_PREDICTION_DISABLED) !== 0;
+  }
+
+  set predictionDisabled(on: boolean) {
+    const rc = opus().opus_encoder_ctl_set(
+      this.#handle(),
+      OpusRequest.SET_PREDICTION_DISABLED,
+      on ? 1 : 0,
+    );
+    if (rc !== OPUS_OK) throw new OpusError("opus_encoder_ctl", rc, "prediction disabled");
   }
 
   /** Resets the codec state as if freshly created; settings are kept. */

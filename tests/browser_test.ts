@@ -120,6 +120,7 @@ interface PageStats {
     packetsLost: number;
     decodeErrors: number;
     decodedFrames: number;
+    decodedPeak: number;
     playout: { depthMs: number; targetMs: number; playing: boolean; underruns: number } | null;
     decoded: AudioSummary;
   };
@@ -367,6 +368,12 @@ Deno.test({
       assert.equal(after.listen.playout?.targetMs, before.listen.playout?.targetMs);
       assert.equal(after.listen.playout?.underruns, before.listen.playout?.underruns);
       assert.equal(after.listen.packetsLost, before.listen.packetsLost);
+      // Neither the preset changes nor the mutes were heard as bursts: the page's decoder went
+      // on across them as the service's encoder did (a new decoder after each unmute, against an
+      // encoder that went on, peaked at 2.5 times the tone; a reset encoder against this decoder,
+      // and a rebuilt one, at full scale).
+      const peak = after.listen.decodedPeak;
+      assert.ok(peak < LISTEN_AMPLITUDE * 1.15, `decoded peak ${peak.toFixed(3)}`);
       await page.click("#listen"); // stop
       assert.deepEqual(errors, [], "no console errors while listening");
     });

@@ -168,7 +168,11 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
   await service.close(); // lets the frame pump hand over the last frames
   assert.ok(hows.includes("live") && hows.includes("rebuilt"), hows.join(","));
   const changes = service.outputPresetChanges;
-  assert.equal(changes.live + changes.rebuilt, 20, "the worker applied every change");
+  assert.equal(
+    changes.live + changes.rebuilt,
+    20,
+    `the worker applied every change: ${JSON.stringify(service.outputStatus())}`,
+  );
   // No frame lost: sequence and timestamps continuous, total samples = input.
   for (let i = 1; i < c.seqs.length; i++) {
     assert.equal(c.seqs[i], (c.seqs[i - 1]! + 1) >>> 0);
@@ -183,7 +187,19 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
   assert.ok(c.channels.includes(1) && c.channels.includes(2));
   const pcm = decodeStereo(c.packets);
   assert.ok(Math.abs(dominantFrequency(channel(pcm, 2).subarray(4800), 48000) - 440) < 5);
+  // One decoder throughout, as an RTP receiver has: no change is heard as a burst. A rebuilt
+  // encoder's first frames, coded against a state the decoder did not have, came out at full
+  // scale (1.0) for this tone at 0.4.
+  const peak = peakAfter(pcm, 4800);
+  assert.ok(peak < 0.46, `peak ${peak.toFixed(3)} for a tone at 0.4`);
 });
+
+/** The largest |sample| of interleaved stereo `pcm` from frame `from` on, as a fraction of full scale. */
+function peakAfter(pcm: Int16Array, from: number): number {
+  let peak = 0;
+  for (let i = from * 2; i < pcm.length; i++) peak = Math.max(peak, Math.abs(pcm[i]!));
+  return peak / 32768;
+}
 
 Deno.test(
   "output pipeline: the second of two quick quality changes is answered as the worker applies it",
@@ -349,6 +365,30 @@ Deno.test("output with nobody listening encodes nothing; a listener joining gets
   assert.ok(Math.abs(dominantFrequency(left, 48000) - 1000) < 10);
   const want = rmsDb(channel(tone({ freq: 1000, frames: 48000, amplitude: 0.4 }), 1));
   assert.ok(Math.abs(rmsDb(left) - want) < 1.5, `level ${rmsDb(left).toFixed(2)} dB`);
+});
+
+Deno.test("unmuting is not heard as a burst by a decoder that went on from before the mute", {
+  ignore: EMULATED,
+}, async () => {
+  await using dir = await tempDir();
+  await using out = await toneOutputService(dir.path, { freq: 997, seconds: 4 }, {
+    outputPreset: "ultra",
+  });
+  const service = out.service;
+  const [c, listener] = collector();
+  service.subscribe(listener);
+  service.start();
+  await until("frames before the mute", () => c.packets.length >= 60, 10_000);
+  service.setMuted(true);
+  await sleep(500);
+  const before = c.packets.length;
+  service.setMuted(false);
+  await until("frames after the mute", () => c.packets.length >= before + 60, 10_000);
+  await service.close();
+  // The encoder was reset at the unmute: its first frames, coded against a state the decoder did
+  // not have, came out at 1.3 times the tone's peak (997 Hz; at high, 2.5 times: full scale).
+  const peak = peakAfter(decodeStereo(c.packets), 4800);
+  assert.ok(peak < 0.46, `peak ${peak.toFixed(3)} for a tone at 0.4`);
 });
 
 Deno.test("muted output sends no packets and says so", async () => {

@@ -408,6 +408,10 @@ async function resumeAudio(ctx, key) {
 // ---------------------------------------------------------------------------------------------
 // Listen
 
+/** Frames (48 kHz) a new decoder's output is faded in over, and of them silenced first. */
+const FADE_IN_FRAMES = 1920;
+const FADE_SILENT_FRAMES = 480;
+
 class Listener {
   constructor() {
     this.active = false;
@@ -428,6 +432,8 @@ class Listener {
     this.decodeErrors = 0;
     this.decodeDrops = 0;
     this.decodedFrames = 0;
+    this.decodedPeak = 0;
+    this.fadeAt = FADE_IN_FRAMES;
     this.lastSeq = null;
     this.lastTs = null;
     this.extTs = 0;
@@ -547,6 +553,21 @@ class Listener {
     }
     this.decoder.configure({ codec: "opus", sampleRate: OPUS_RATE, numberOfChannels: channels });
     this.decoderChannels = channels;
+    // A decoder that starts mid-stream has none of the encoder's state: its first 20–30 ms can
+    // come out at up to 2.5 times the signal. Faded in (see fade()).
+    this.fadeAt = 0;
+  }
+
+  /** Silences the first 10 ms a new decoder outputs and ramps the next 30 ms in. */
+  fade(planes) {
+    const n = planes[0].length;
+    for (let i = 0; i < n && this.fadeAt < FADE_IN_FRAMES; i++, this.fadeAt++) {
+      const g = Math.max(
+        0,
+        (this.fadeAt - FADE_SILENT_FRAMES) / (FADE_IN_FRAMES - FADE_SILENT_FRAMES),
+      );
+      for (const p of planes) p[i] *= g;
+    }
   }
 
   closeDecoder() {
@@ -589,10 +610,9 @@ class Listener {
       // The gap before this packet was the sender's: a dry-out in it was no network trouble.
       this.node?.port.postMessage({ type: "gap" });
     }
-    if (
-      !this.decoder || this.decoder.state !== "configured" || this.decoderChannels !== channels ||
-      restart
-    ) {
+    // The decoder goes on across a discontinuity: after a mute the service's encoder goes on
+    // from the last frame it sent, which this decoder has (a new decoder made a burst of it).
+    if (!this.decoder || this.decoder.state !== "configured" || this.decoderChannels !== channels) {
       this.configureDecoder(channels);
     }
     if (this.decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
@@ -617,10 +637,12 @@ class Listener {
       data.close();
     }
     if (!this.active || planes.length === 0) return;
+    if (this.fadeAt < FADE_IN_FRAMES) this.fade(planes);
     this.decodedFrames += planes[0].length;
     this.analyser.push(planes[0], rate);
     let peak = 0;
     for (const p of planes) for (const v of p) peak = Math.max(peak, Math.abs(v));
+    this.decodedPeak = Math.max(this.decodedPeak, peak);
     this.meter.feed(peak);
     this.node?.port.postMessage({ type: "audio", planes }, planes.map((p) => p.buffer));
   }
@@ -657,6 +679,7 @@ class Listener {
       decodeErrors: this.decodeErrors,
       decodeDrops: this.decodeDrops,
       decodedFrames: this.decodedFrames,
+      decodedPeak: this.decodedPeak,
       contextRate: this.ctx?.sampleRate ?? null,
       playout: this.playout,
       decoded: this.analyser.summary(analyse),

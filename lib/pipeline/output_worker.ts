@@ -64,6 +64,11 @@ import { outputMetrics, transportMetrics } from "./pipeline_metrics.ts";
 import { RtpOutput, RtpOutTable } from "../transport/rtp_out.ts";
 import { defaultChannelMap, downmixMatrix, mixFrames } from "./downmix.ts";
 
+/** Frames a rebuilt encoder is fed before its first (see `applyPreset`): enough in the probe. */
+const PRIME_FRAMES = 3;
+/** Samples per channel of history the capture loop keeps: PRIME_FRAMES of the longest (20 ms). */
+const HISTORY = PRIME_FRAMES * 960;
+
 function presetFromControl(ctl: WorkerControl): Preset {
   const name = PRESET_NAMES[ctl.get(CONTROL.preset)] ?? "high";
   return OUTPUT_PRESETS[name];
@@ -105,7 +110,20 @@ function run(init: OutputInit): void {
   ctl.hold("codec", encoder);
   ctl.set(CONTROL.appliedPreset, PRESET_NAMES.indexOf(preset.name));
 
-  const applyPreset = () => {
+  // The next frame is the first a running decoder gets from this encoder's state: a new worker's
+  // (receivers decoded the last one's), a rebuilt encoder's, or a reset one's after frames that
+  // were not sent. It is coded without inter-frame prediction (`predictionDisabled`), so that the
+  // decoder's memory of other audio cannot turn it into a burst: with prediction, a new encoder's
+  // first 20–30 ms came out of ffmpeg's, GStreamer's and libopus's decoders at up to 2.4 times
+  // the signal's peak (full scale for a −8 dBFS tone).
+  let intraNext = true;
+
+  /**
+   * Applies the preset the control words ask for. A new encoder is first fed the frames just
+   * encoded by the old one (`prime`, from the capture loop's history; their packets are thrown
+   * away), so that it starts from the state the receivers' decoders have.
+   */
+  const applyPreset = (prime?: (fresh: OpusEncoder, p: Preset) => void) => {
     generation = ctl.get(CONTROL.generation);
     const next = presetFromControl(ctl);
     if (next === preset) return;
@@ -117,6 +135,8 @@ function run(init: OutputInit): void {
       ctl.release("codec", encoder);
       encoder = fresh;
       ctl.hold("codec", encoder);
+      prime?.(encoder, next);
+      intraNext = true;
       ctl.add(CONTROL.rebuilds, 1);
       post({ type: "preset", preset: next.name, how: "rebuilt" });
     } else {
@@ -164,18 +184,41 @@ function run(init: OutputInit): void {
     const resBuf = new Int16Array(
       (resampler ? resampler.outputFramesFor(period) : period) * devCh,
     );
-    // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack).
-    const acc = new Int16Array((2880 + resBuf.length / devCh + period) * devCh);
+    // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack),
+    // after up to HISTORY samples already encoded (or skipped), which a new encoder is primed with.
+    const acc = new Int16Array((HISTORY + 2880 + resBuf.length / devCh + period) * devCh);
+    // acc[0, histFrames) is history; acc[histFrames, accFrames) waits to be encoded.
+    let histFrames = 0;
     let accFrames = 0;
     let frameView = acc.subarray(0, 0);
+    let viewAt = -1;
     const enc = new Int16Array(2880 * 2);
+    const primeOut = new Uint8Array(OUTPUT_RING.slotBytes);
+    /** Feeds `fresh` the (up to) PRIME_FRAMES frames of `p`'s size that end at `end` in acc. */
+    const primeUpTo = (end: number) => (fresh: OpusEncoder, p: Preset) => {
+      const fs = frameSamples(p);
+      for (let k = Math.min(PRIME_FRAMES, Math.floor(end / fs)); k >= 1; k--) {
+        const at = end - k * fs;
+        let pcmIn = enc;
+        if (devCh === p.channels) pcmIn = acc.subarray(at * devCh, (at + fs) * devCh);
+        else {mixFrames(
+            acc.subarray(at * devCh),
+            enc,
+            fs,
+            p.channels === 1 ? toMono : toStereo,
+            p.channels,
+          );}
+        fresh.encode(pcmIn, fs, primeOut);
+      }
+    };
     const pacer = init.pace === "clock" ? new ClockPacer() : null;
     const flat = init.pace === "flat";
     const periodMs = (period / pcm.rate) * 1000;
     let xruns = pcm.xruns;
     let suspends = pcm.suspends;
-    // Frames were muted or unheard since the encoder last ran.
+    // Frames were muted or unheard since the encoder last ran; and unheard by any decoder.
     let skipped = false;
+    let unheard = false;
     // Capture (re)starts here, maybe after a gap: a reopened device, a restarted worker. Then, and
     // after an overrun or a suspend, the RTP timestamp follows the wall clock over the gap (RFC 3550: it
     // counts sampling instants), so that a receiver sees a jump (the RTP marker, the WebSocket
@@ -189,7 +232,11 @@ function run(init: OutputInit): void {
       ctl.checkFault();
       // Retired while blocked (a fault, a hung call): nothing more of this loop is its to do.
       if (ctl.retired) break;
-      if (ctl.get(CONTROL.generation) !== generation) applyPreset();
+      // A new encoder is primed with what the old one sent — not with muted or unheard frames
+      // (a primed encoder carries the last 2.5 ms of them into the first frame it sends).
+      if (ctl.get(CONTROL.generation) !== generation) {
+        applyPreset(skipped ? undefined : primeUpTo(histFrames));
+      }
       poster.tick(performance.now());
 
       if (flat && ring.available >= ring.slots - 4) {
@@ -235,7 +282,7 @@ function run(init: OutputInit): void {
       const lastAt = readAt - (Math.max(0, queued) / pcm.rate) * 1000;
 
       let fs = frameSamples(preset);
-      let start = 0;
+      let start = histFrames;
       while (accFrames - start >= fs) {
         const remaining = accFrames - start - fs;
         const frameAt = lastAt - (remaining / 48000) * 1000;
@@ -255,17 +302,29 @@ function run(init: OutputInit): void {
         if (ctl.get(CONTROL.muted) !== 0) {
           m.muted.inc();
           skipped = true;
+          if (listeners === 0 && !rtpActive) unheard = true;
         } else if (listeners === 0 && !rtpActive) {
           skipped = true; // nobody listens (see CONTROL.listeners)
+          unheard = true;
         } else {
-          // The encoder's memory is of audio before a gap: start it afresh, as for a new stream.
-          if (skipped) encoder.reset();
+          // After a gap. Every decoder that heard the frames before it has the encoder's state,
+          // as of the last frame sent: after a mute the encoder goes on from there (reset, it
+          // came out of a decoder that went on — an RTP receiver, a page — as a burst). When
+          // nobody was listening there is no such decoder: it starts afresh, as for a new stream.
+          if (skipped) {
+            if (unheard) encoder.reset();
+            intraNext = true;
+          }
           skipped = false;
+          unheard = false;
           const ch = preset.channels;
-          if (frameView.length !== fs * devCh) frameView = acc.subarray(0, fs * devCh);
           let pcmIn = enc;
           if (devCh === ch) {
-            pcmIn = start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh);
+            if (viewAt !== start || frameView.length !== fs * devCh) {
+              frameView = acc.subarray(start * devCh, (start + fs) * devCh);
+              viewAt = start;
+            }
+            pcmIn = frameView;
           } else {
             const matrix = ch === 1 ? toMono : toStereo;
             mixFrames(acc.subarray(start * devCh), enc, fs, matrix, ch === 1 ? 1 : 2);
@@ -273,7 +332,12 @@ function run(init: OutputInit): void {
           // Into a ring slot when the main thread has listeners, else into the worker's own buffer.
           const slot = listeners > 0 ? ring.reserve() : null;
           const out = slot ? slot.data : unpublished;
+          if (intraNext) encoder.predictionDisabled = true;
           const bytes = encoder.encode(pcmIn, fs, out);
+          if (intraNext) {
+            encoder.predictionDisabled = false;
+            intraNext = false;
+          }
           const done = epochMs();
           const silence = bytes <= 2;
           if (rtpActive) {
@@ -306,14 +370,17 @@ function run(init: OutputInit): void {
         start += fs;
         // A preset change takes effect at this frame boundary.
         if (ctl.get(CONTROL.generation) !== generation) {
-          applyPreset();
+          applyPreset(skipped ? undefined : primeUpTo(start));
           fs = frameSamples(preset);
         }
       }
-      if (start > 0) {
-        acc.copyWithin(0, start * devCh, accFrames * devCh);
-        accFrames -= start;
+      // Keep HISTORY samples of what was consumed before what waits.
+      const drop = Math.max(0, start - HISTORY);
+      if (drop > 0) {
+        acc.copyWithin(0, drop * devCh, accFrames * devCh);
+        accFrames -= drop;
       }
+      histFrames = start - drop;
       if (captured48 >= maxSamples) return true;
     }
     return false;
