@@ -64,9 +64,11 @@ import { outputMetrics, transportMetrics } from "./pipeline_metrics.ts";
 import { RtpOutput, RtpOutTable } from "../transport/rtp_out.ts";
 import { defaultChannelMap, downmixMatrix, mixFrames } from "./downmix.ts";
 
+/** The most a live change lowers the bitrate in one frame (see `bitrateNow`). */
+const BITRATE_STEP_DOWN = 0.75;
 /** Frames a rebuilt encoder is fed before its first (see `applyPreset`): enough in the probe. */
 const PRIME_FRAMES = 3;
-/** Samples per channel of history the capture loop keeps: PRIME_FRAMES of the longest (20 ms). */
+/** Frames (48 kHz) of history the capture loop keeps: PRIME_FRAMES of the longest preset's (20 ms). */
 const HISTORY = PRIME_FRAMES * 960;
 
 function presetFromControl(ctl: WorkerControl): Preset {
@@ -117,6 +119,12 @@ function run(init: OutputInit): void {
   // first 20–30 ms came out of ffmpeg's, GStreamer's and libopus's decoders at up to 2.4 times
   // the signal's peak (full scale for a −8 dBFS tone).
   let intraNext = true;
+  // The bitrate the encoder has, and the preset's. A live change lowers it at most a quarter per
+  // frame: halved in one step (high → medium, 128 → 64 kb/s), constrained VBR starved the next
+  // frame to 3 bytes, and a decoder made a dropout and a burst of it (peak 0.65–0.9 for a tone at
+  // 0.4, at 40 of 100 change points); in steps of a quarter, none of 100.
+  let bitrateNow = preset.bitrate;
+  let bitrateWanted = preset.bitrate;
 
   /**
    * Applies the preset the control words ask for. A new encoder is first fed the frames just
@@ -137,10 +145,13 @@ function run(init: OutputInit): void {
       ctl.hold("codec", encoder);
       prime?.(encoder, next);
       intraNext = true;
+      bitrateNow = bitrateWanted = next.bitrate;
       ctl.add(CONTROL.rebuilds, 1);
       post({ type: "preset", preset: next.name, how: "rebuilt" });
     } else {
-      encoder.configure(encoderSettings(next));
+      bitrateWanted = next.bitrate;
+      bitrateNow = Math.max(bitrateWanted, Math.round(bitrateNow * BITRATE_STEP_DOWN));
+      encoder.configure({ ...encoderSettings(next), bitrate: bitrateNow });
       ctl.add(CONTROL.liveChanges, 1);
       post({ type: "preset", preset: next.name, how: "live" });
     }
@@ -184,30 +195,47 @@ function run(init: OutputInit): void {
     const resBuf = new Int16Array(
       (resampler ? resampler.outputFramesFor(period) : period) * devCh,
     );
-    // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack),
-    // after up to HISTORY samples already encoded (or skipped), which a new encoder is primed with.
-    const acc = new Int16Array((HISTORY + 2880 + resBuf.length / devCh + period) * devCh);
-    // acc[0, histFrames) is history; acc[histFrames, accFrames) waits to be encoded.
-    let histFrames = 0;
+    // Accumulates 48 kHz device-channel samples until a whole frame is there (max 60 ms + slack).
+    const acc = new Int16Array((2880 + resBuf.length / devCh + period) * devCh);
     let accFrames = 0;
     let frameView = acc.subarray(0, 0);
-    let viewAt = -1;
     const enc = new Int16Array(2880 * 2);
+    // The last HISTORY frames (48 kHz, device channels) the loop went through, encoded or not, a
+    // ring: a rebuilt encoder is primed with them (see applyPreset). A ring, not a longer
+    // accumulator, so that each frame is copied once (shifting 60 ms on every read cost 1–2 % of
+    // the unpaced CPU figure).
+    const hist = new Int16Array(HISTORY * devCh);
+    let histAt = 0;
+    let histHeld = 0;
+    /** Adds acc's frames [from, from + n) to the history. */
+    const remember = (from: number, n: number) => {
+      // One or two block copies (a loop of single samples cost 1 % of the unpaced CPU figure).
+      for (let src = from * devCh, left = n * devCh; left > 0;) {
+        const k = Math.min(left, hist.length - histAt);
+        hist.set(acc.subarray(src, src + k), histAt);
+        histAt = (histAt + k) % hist.length;
+        src += k;
+        left -= k;
+      }
+      histHeld = Math.min(HISTORY, histHeld + n);
+    };
+    const primeIn = new Int16Array(HISTORY * devCh);
     const primeOut = new Uint8Array(OUTPUT_RING.slotBytes);
-    /** Feeds `fresh` the (up to) PRIME_FRAMES frames of `p`'s size that end at `end` in acc. */
-    const primeUpTo = (end: number) => (fresh: OpusEncoder, p: Preset) => {
+    /** Feeds `fresh` the last (up to) PRIME_FRAMES frames of `p`'s size from the history. */
+    const prime = (fresh: OpusEncoder, p: Preset) => {
       const fs = frameSamples(p);
-      for (let k = Math.min(PRIME_FRAMES, Math.floor(end / fs)); k >= 1; k--) {
-        const at = end - k * fs;
-        let pcmIn = enc;
-        if (devCh === p.channels) pcmIn = acc.subarray(at * devCh, (at + fs) * devCh);
-        else {mixFrames(
-            acc.subarray(at * devCh),
-            enc,
-            fs,
-            p.channels === 1 ? toMono : toStereo,
-            p.channels,
-          );}
+      const n = Math.min(PRIME_FRAMES, Math.floor(histHeld / fs)) * fs * devCh;
+      let src = (histAt - n + hist.length) % hist.length;
+      for (let i = 0; i < n; i++) {
+        primeIn[i] = hist[src++]!;
+        if (src === hist.length) src = 0;
+      }
+      for (let at = 0; at < n; at += fs * devCh) {
+        let pcmIn = primeIn.subarray(at, at + fs * devCh);
+        if (devCh !== p.channels) {
+          mixFrames(pcmIn, enc, fs, p.channels === 1 ? toMono : toStereo, p.channels);
+          pcmIn = enc;
+        }
         fresh.encode(pcmIn, fs, primeOut);
       }
     };
@@ -235,7 +263,7 @@ function run(init: OutputInit): void {
       // A new encoder is primed with what the old one sent — not with muted or unheard frames
       // (a primed encoder carries the last 2.5 ms of them into the first frame it sends).
       if (ctl.get(CONTROL.generation) !== generation) {
-        applyPreset(skipped ? undefined : primeUpTo(histFrames));
+        applyPreset(skipped ? undefined : prime);
       }
       poster.tick(performance.now());
 
@@ -282,7 +310,7 @@ function run(init: OutputInit): void {
       const lastAt = readAt - (Math.max(0, queued) / pcm.rate) * 1000;
 
       let fs = frameSamples(preset);
-      let start = histFrames;
+      let start = 0;
       while (accFrames - start >= fs) {
         const remaining = accFrames - start - fs;
         const frameAt = lastAt - (remaining / 48000) * 1000;
@@ -318,13 +346,10 @@ function run(init: OutputInit): void {
           skipped = false;
           unheard = false;
           const ch = preset.channels;
+          if (frameView.length !== fs * devCh) frameView = acc.subarray(0, fs * devCh);
           let pcmIn = enc;
           if (devCh === ch) {
-            if (viewAt !== start || frameView.length !== fs * devCh) {
-              frameView = acc.subarray(start * devCh, (start + fs) * devCh);
-              viewAt = start;
-            }
-            pcmIn = frameView;
+            pcmIn = start === 0 ? frameView : acc.subarray(start * devCh, (start + fs) * devCh);
           } else {
             const matrix = ch === 1 ? toMono : toStereo;
             mixFrames(acc.subarray(start * devCh), enc, fs, matrix, ch === 1 ? 1 : 2);
@@ -337,6 +362,10 @@ function run(init: OutputInit): void {
           if (intraNext) {
             encoder.predictionDisabled = false;
             intraNext = false;
+          }
+          if (bitrateNow !== bitrateWanted) {
+            bitrateNow = Math.max(bitrateWanted, Math.round(bitrateNow * BITRATE_STEP_DOWN));
+            encoder.configure({ bitrate: bitrateNow });
           }
           const done = epochMs();
           const silence = bytes <= 2;
@@ -367,20 +396,18 @@ function run(init: OutputInit): void {
         rtp = (rtp + fs) >>> 0;
         ctl.set(CONTROL.nextSeq, seq);
         ctl.set(CONTROL.nextTimestamp, rtp | 0);
+        remember(start, fs);
         start += fs;
         // A preset change takes effect at this frame boundary.
         if (ctl.get(CONTROL.generation) !== generation) {
-          applyPreset(skipped ? undefined : primeUpTo(start));
+          applyPreset(skipped ? undefined : prime);
           fs = frameSamples(preset);
         }
       }
-      // Keep HISTORY samples of what was consumed before what waits.
-      const drop = Math.max(0, start - HISTORY);
-      if (drop > 0) {
-        acc.copyWithin(0, drop * devCh, accFrames * devCh);
-        accFrames -= drop;
+      if (start > 0) {
+        acc.copyWithin(0, start * devCh, accFrames * devCh);
+        accFrames -= start;
       }
-      histFrames = start - drop;
       if (captured48 >= maxSamples) return true;
     }
     return false;
