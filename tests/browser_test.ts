@@ -208,6 +208,81 @@ function loudest(x: Float64Array, rate: number, thresholdDb = -40): Float64Array
   return x.subarray(best[0]! * block, best[1]! * block);
 }
 
+/**
+ * A TCP relay on 127.0.0.1 to `port` that can stop passing bytes (both ways, every connection)
+ * and start again: a stalled network, with the sockets left open.
+ */
+class PausableRelay implements AsyncDisposable {
+  readonly #listener: Deno.Listener<Deno.TcpConn>;
+  readonly #conns = new Set<Deno.Conn>();
+  #gate: Promise<void> | null = null;
+  #open: () => void = () => {};
+
+  private constructor(listener: Deno.Listener<Deno.TcpConn>, target: number) {
+    this.#listener = listener;
+    (async () => {
+      for await (const a of listener) {
+        const b = await Deno.connect({ hostname: "127.0.0.1", port: target });
+        this.#conns.add(a).add(b);
+        this.#pipe(a, b);
+        this.#pipe(b, a);
+      }
+    })().catch(() => {});
+  }
+
+  static to(port: number): Promise<PausableRelay> {
+    return Promise.resolve(
+      new PausableRelay(Deno.listen({ hostname: "127.0.0.1", port: 0 }), port),
+    );
+  }
+
+  get port(): number {
+    return (this.#listener.addr as Deno.NetAddr).port;
+  }
+
+  pause(): void {
+    this.#gate ??= new Promise((r) => (this.#open = r));
+  }
+
+  resume(): void {
+    this.#open();
+    this.#gate = null;
+  }
+
+  async #pipe(from: Deno.Conn, to: Deno.Conn): Promise<void> {
+    const buf = new Uint8Array(65536);
+    try {
+      for (;;) {
+        if (this.#gate) await this.#gate;
+        const n = await from.read(buf);
+        if (n === null) break;
+        if (this.#gate) await this.#gate;
+        for (let at = 0; at < n;) at += await to.write(buf.subarray(at, n));
+      }
+    } catch {
+      // Closed.
+    }
+    try {
+      to.close();
+    } catch {
+      // Closed already.
+    }
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    this.resume();
+    this.#listener.close();
+    for (const c of this.#conns) {
+      try {
+        c.close();
+      } catch {
+        // Closed already.
+      }
+    }
+    return Promise.resolve();
+  }
+}
+
 Deno.test({
   name: "operator page in headless Chromium",
   ignore: !haveChromium,
@@ -397,6 +472,66 @@ Deno.test({
       assert.deepEqual(errors, []);
     });
 
+    await t.step("the quality list keeps the keyboard: two arrow keys, two changes", async () => {
+      await page.focus("#output-preset");
+      const from = await page.inputValue("#output-preset");
+      await page.keyboard.press("ArrowUp");
+      await page.keyboard.press("ArrowUp");
+      // Disabled while its request ran, the list lost focus to the page and the second key.
+      assert.equal(
+        // deno-lint-ignore no-explicit-any
+        await page.evaluate(() => (globalThis as any).document.activeElement?.id),
+        "output-preset",
+      );
+      const names = ["low", "medium", "high", "ultra"];
+      const want = names[Math.max(0, names.indexOf(from) - 2)];
+      await until("the service has the second choice", () => service.outputPreset.name === want);
+      assert.deepEqual(
+        await page.$$eval("meter", (ms) => ms.map((m) => m.getAttribute("aria-label"))),
+        ["Listen level", "Talk level"],
+      );
+    });
+
+    await t.step("while listening the page says why nothing can be heard", async () => {
+      await page.click("#listen");
+      await waitForStats(page, "packets", (s) => s.listen.packetsReceived > 20);
+      await service.stopOutput();
+      const notice = page.locator(".notice[data-key=listen-pipeline]");
+      await notice.waitFor();
+      assert.match(await notice.textContent() ?? "", /Nothing to hear: .*pipeline is stopped/);
+      service.startOutput();
+      await notice.waitFor({ state: "detached" });
+      await page.click("#listen"); // stop
+    });
+
+    await t.step("a stalled connection is noticed and reopened; the API times out", async () => {
+      // The page through a relay that can stop passing bytes: a network that drops everything
+      // leaves sockets open. Before, the page said "service reachable" and "connected" for as
+      // long as it lasted, and then played the backlog late.
+      await using relay = await PausableRelay.to(server.addr.port);
+      const far = await plain.newPage();
+      try {
+        await loadPage(far, `http://127.0.0.1:${relay.port}`);
+        await far.click("#listen");
+        await waitForStats(far, "packets", (s) => s.listen.packetsReceived > 20);
+        relay.pause();
+        const notice = far.locator(".notice[data-key=listen]");
+        await notice.waitFor({ timeout: 10_000 });
+        assert.match(await notice.textContent() ?? "", /no audio arrived for 3 s/);
+        await far.locator("#connection", { hasText: "service unreachable" }).waitFor({
+          timeout: 15_000,
+        });
+        relay.resume();
+        await far.locator("#connection", { hasText: "service reachable" }).waitFor({
+          timeout: 15_000,
+        });
+        const before = (await stats(far)).listen.packetsReceived;
+        await waitForStats(far, "packets again", (s) => s.listen.packetsReceived > before + 20);
+      } finally {
+        await far.close();
+      }
+    });
+
     await t.step("a refused microphone says so", async () => {
       await page.click("#talk");
       await page.waitForSelector(".notice[data-key=mic]");
@@ -433,6 +568,8 @@ Deno.test({
       const s = await stats(tp, true);
       assert.equal(s.talk.hello?.preset, "high");
       assert.equal(s.talk.encodeErrors, 0);
+      // Read at the start of Talk only: not changeable while talking.
+      assert.equal(await tp.isDisabled("#voice-processing"), true);
       assert.equal(s.talk.captureRate, 48000, "captured through a 48 kHz context");
       assert.equal(s.talk.microphoneRate, 44100, "Chromium's fake microphone runs at 44.1 kHz");
       assert.equal(s.talk.encoder?.sampleRate, 48000);

@@ -26,6 +26,10 @@ const CLOSE_TAKEN_OVER = 4410;
 
 /** Decoded packets queued in the decoder beyond which new ones are dropped (it fell behind). */
 const MAX_DECODE_QUEUE = 25;
+/** How long an API request may take before the service counts as unreachable. */
+const API_TIMEOUT_MS = 4000;
+/** No packet for this long while the stream should run: the connection is stalled. */
+const LISTEN_STALL_MS = 3000;
 const RECONNECT_MIN_MS = 500;
 const RECONNECT_MAX_MS = 10_000;
 const POLL_MS = 1000;
@@ -71,11 +75,14 @@ async function api(method, path, body) {
   const headers = { Accept: "application/json" };
   if (token) headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
+  // Bounded: a stalled network left a request pending for good, and the status poll (one at a
+  // time) with it — the page said "service reachable" through a minute of stall.
   const res = await fetch(path, {
     method,
     headers,
     body: body === undefined ? undefined : JSON.stringify(body),
     cache: "no-store",
+    signal: AbortSignal.timeout(API_TIMEOUT_MS),
   });
   const text = await res.text();
   let json = null;
@@ -133,6 +140,13 @@ function notify(key, kind, text, action) {
   }
   $("notices").append(el);
   notices.set(key, el);
+}
+
+/** {@link notify}, unless the same notice is already shown (polls repeat it every second). */
+function notifySteady(key, kind, text, action) {
+  const shown = notices.get(key);
+  if (shown?.firstChild?.textContent === text && shown.classList.contains(kind)) return;
+  notify(key, kind, text, action);
 }
 
 function clearNotice(key) {
@@ -267,6 +281,7 @@ class Meter {
     const level = active ? this.level - ((now - this.at) / 1000) * 20 : -120;
     this.meter.value = Math.max(-60, Math.min(0, level));
     this.text.textContent = active ? (level <= -60 ? "< −60 dBFS" : `${fmt(level)} dBFS`) : "–";
+    this.meter.setAttribute("aria-valuetext", this.text.textContent);
   }
 }
 
@@ -389,7 +404,7 @@ function checkCapabilities() {
  * script, or the click's activation ran out) keeps it suspended: then say so, offer a button,
  * and go on — audio starts with that click.
  */
-async function resumeAudio(ctx, key) {
+async function resumeAudio(ctx, key, onRunning) {
   const resumed = ctx.resume();
   const settled = await Promise.race([
     resumed.then(() => true, () => true),
@@ -401,7 +416,10 @@ async function resumeAudio(ctx, key) {
     run: () => ctx.resume(),
   });
   ctx.addEventListener("statechange", () => {
-    if (ctx.state === "running") clearNotice(key);
+    if (ctx.state === "running") {
+      clearNotice(key);
+      onRunning?.();
+    }
   });
 }
 
@@ -471,7 +489,9 @@ class Listener {
       };
       node.connect(ctx.destination);
       this.node = node;
-      await resumeAudio(ctx, "listen-audio");
+      // Held by the browser until a click: what was decoded meanwhile is old by then (a second
+      // of it played before the buffer trimmed it).
+      await resumeAudio(ctx, "listen-audio", () => this.node?.port.postMessage({ type: "reset" }));
       if (await superseded()) return;
       this.connect();
     } catch (e) {
@@ -485,8 +505,10 @@ class Listener {
     const ws = new WebSocket(wsUrl("/api/audio/stream"));
     ws.binaryType = "arraybuffer";
     this.ws = ws;
+    this.lastPacketAt = performance.now();
     ws.onopen = () => {
       this.retryMs = RECONNECT_MIN_MS;
+      this.lastPacketAt = performance.now();
       clearNotice("listen");
     };
     ws.onmessage = (e) => {
@@ -500,7 +522,10 @@ class Listener {
       if (!this.active) return;
       const why = e.code === CLOSE_TOO_SLOW
         ? "this connection was too slow to keep up"
+        : this.stalled
+        ? `no audio arrived for ${LISTEN_STALL_MS / 1000} s`
         : e.reason || `connection closed (${e.code})`;
+      this.stalled = false;
       notify("listen", "warning", `Listening interrupted: ${why}. Reconnecting…`);
       this.lastSeq = null;
       this.node?.port.postMessage({ type: "reset" });
@@ -575,7 +600,26 @@ class Listener {
     this.decoder = null;
   }
 
+  /**
+   * Called every second: a connection over which nothing arrives while the service says its
+   * pipeline runs unmuted is stalled (a network that drops everything leaves the socket open for
+   * minutes). It is closed and opened again: the new one starts with current audio, where the old
+   * one would deliver the stall's backlog late.
+   */
+  watch() {
+    const ws = this.ws;
+    if (!this.active || !ws || ws.readyState !== WebSocket.OPEN) return;
+    const quiet = this.hello?.muted === true || outputStatus?.running === false;
+    if (quiet) this.lastPacketAt = performance.now();
+    else if (performance.now() - this.lastPacketAt > LISTEN_STALL_MS) {
+      this.stalled = true;
+      ws.close(4000, "stalled");
+      ws.onclose({ code: 4000, reason: "stalled" });
+    }
+  }
+
   onPacket(buf) {
+    this.lastPacketAt = performance.now();
     if (buf.byteLength < HEADER_BYTES) return;
     const v = new DataView(buf);
     if (v.getUint8(0) !== PROTOCOL_VERSION) return;
@@ -616,8 +660,12 @@ class Listener {
       this.configureDecoder(channels);
     }
     if (this.decoder.decodeQueueSize > MAX_DECODE_QUEUE) {
-      this.decodeDrops++;
-      return;
+      // Behind (a burst after a stall): what is queued and buffered is old. Start over from this
+      // packet — a new decoder, an empty playout buffer — rather than drop the newest and play
+      // the old (0.6 s of it after a 15 s stall).
+      this.decodeDrops += this.decoder.decodeQueueSize;
+      this.configureDecoder(channels);
+      this.node?.port.postMessage({ type: "reset" });
     }
     this.decoder.decode(
       new EncodedAudioChunk({
@@ -662,6 +710,7 @@ class Listener {
     if (ctx && ctx.state !== "closed") await ctx.close().catch(() => {});
     clearNotice("listen");
     clearNotice("listen-audio");
+    clearNotice("listen-pipeline");
     render();
   }
 
@@ -1057,7 +1106,9 @@ function tokenNeeded() {
 /** Runs a control request with the element marked busy; reverts and explains on failure. */
 async function control(el, revert, fn) {
   el.dataset.pending = "1";
-  el.disabled = true;
+  // Busy, not disabled: disabling the focused control sent focus to the page, and the next arrow
+  // key on a quality list was lost.
+  el.setAttribute("aria-busy", "true");
   try {
     await fn();
     clearNotice("control");
@@ -1066,7 +1117,7 @@ async function control(el, revert, fn) {
     notify("control", "error", e.message);
   } finally {
     delete el.dataset.pending;
-    el.disabled = false;
+    el.removeAttribute("aria-busy");
   }
   poll();
 }
@@ -1155,12 +1206,52 @@ async function poll() {
   } finally {
     polling = false;
   }
+  pipelineNotices();
   renderMetrics();
   render();
 }
 
 // ---------------------------------------------------------------------------------------------
 // Rendering
+
+/**
+ * Why a pipeline whose status is `s` carries no audio now, in words for the operator — with what
+ * to do about it — or null while it runs (or is about to).
+ */
+function pipelineProblem(s, what) {
+  if (!s || s.running || s.state === "starting") return null;
+  const sup = s.supervisor;
+  const err = sup?.lastError ? ` (${sup.lastError})` : "";
+  switch (s.state) {
+    case "disabled":
+      return `The service has no ${what} device configured.`;
+    case "broken":
+      return `The service's ${what} pipeline crashed repeatedly and was left stopped${err}. ` +
+        `"Start pipeline" tries again.`;
+    case "backoff": {
+      const at = sup?.nextRestartAt ? new Date(sup.nextRestartAt).toLocaleTimeString() : null;
+      return `The service's ${what} pipeline crashed${err}; it restarts${at ? ` at ${at}` : ""}.`;
+    }
+    case "waiting-for-device":
+      return `The service's ${what} device ${s.device ?? ""} cannot be opened` +
+        `${s.lastDeviceError ? `: ${s.lastDeviceError}` : ""}; it is tried again.`;
+    case "stopped":
+    case "stopping":
+      return `The service's ${what} pipeline is stopped: "Start pipeline" starts it.`;
+    default:
+      return `The service's ${what} pipeline is ${s.state}.`;
+  }
+}
+
+/** Pipeline notices while listening or talking (see pipelineProblem). */
+function pipelineNotices() {
+  const out = listener.active ? pipelineProblem(outputStatus, "capture") : null;
+  if (out) notifySteady("listen-pipeline", "warning", `Nothing to hear: ${out}`);
+  else clearNotice("listen-pipeline");
+  const mic = talker.active ? pipelineProblem(micStatus, "playback") : null;
+  if (mic) notifySteady("mic-stopped", "warning", `The target hears nothing: ${mic}`);
+  else if (talker.active && micStatus) clearNotice("mic-stopped");
+}
 
 function pipelineText(s) {
   if (!s) return "–";
@@ -1201,7 +1292,8 @@ function render() {
     ? `${h.preset} · muted by the service (nothing is sent)`
     : `${h.preset} · ${h.channels === 2 ? "stereo" : "mono"} · ${h.frameMs} ms · Opus 48 kHz`;
   $("listen-packets").textContent = listener.active || listener.packets
-    ? `${listener.packets} received · ${listener.lost} lost · ${listener.late} late`
+    ? `${listener.packets} received · ${listener.lost} lost · ${listener.late} late` +
+      (listener.decodeDrops ? ` · ${listener.decodeDrops} skipped (behind)` : "")
     : "–";
   const po = listener.playout;
   const ctx = listener.ctx;
@@ -1223,6 +1315,13 @@ function render() {
     : `${th.preset} · mono · ${th.frameMs} ms · ${Math.round(th.bitrate / 1000)} kb/s${resample}` +
       (talker.muted ? " · muted" : "");
   $("talk-packets").textContent = talker.active || talker.sent ? `${talker.sent} sent` : "–";
+  // Read when Talk starts (the browser's capture is opened with it): not changeable mid-talk,
+  // where unchecking it changed nothing the target heard.
+  const vp = $("voice-processing");
+  vp.disabled = talker.active;
+  vp.parentElement.title = talker.active
+    ? "Applies from the next Talk"
+    : "Echo cancellation, noise suppression and automatic gain";
   $("mic-state").textContent = pipelineText(micStatus);
 }
 
@@ -1330,6 +1429,7 @@ render();
 await poll();
 await loadPresets();
 setInterval(poll, POLL_MS);
+setInterval(() => listener.watch(), 1000);
 setInterval(renderMeters, 100);
 setInterval(render, 500);
 globalThis.kvmAudio.ready = true;
