@@ -8,22 +8,13 @@
 
 import { inspectPacket, InvalidPacketError, OPUS_MAX_PACKET } from "../../ffi/opus.ts";
 import { INPUT_RING } from "./messages.ts";
+import { OPUS_FRAME_SAMPLES_48K } from "../playout.ts";
 
 /**
  * Samples per channel a microphone packet may carry: one encoder call's worth at 48 kHz — 2.5, 5,
  * 10, 20, 40, 60, 80, 100 or 120 ms (RFC 7587's longest; libopus and ffmpeg make them all).
  */
-export const PACKET_SAMPLES: ReadonlySet<number> = new Set([
-  120,
-  240,
-  480,
-  960,
-  1920,
-  2880,
-  3840,
-  4800,
-  5760,
-]);
+export const PACKET_SAMPLES: ReadonlySet<number> = new Set(OPUS_FRAME_SAMPLES_48K);
 
 /** The longest microphone packet: what Opus allows and an input ring slot holds. */
 export const MAX_MICROPHONE_PACKET = Math.min(OPUS_MAX_PACKET, INPUT_RING.slotBytes);
