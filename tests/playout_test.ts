@@ -720,6 +720,32 @@ Deno.test("PlayoutBuffer caps its depth in time for short frames: 2.5 ms frames 
   assert.equal(new PlayoutBuffer({ frameSamples: 120, maxDepthMs: 0 }).maxDepth, 8);
 });
 
+Deno.test("PlayoutBuffer: a target raised with short frames keeps its time, within the cap, when frames get longer", () => {
+  const buf = new PlayoutBuffer({ frameSamples: 120 });
+  const payload = new Uint8Array([1, 2, 3]);
+  // 4 s of 2.5 ms frames in bursts of 24 every 60 ms (a jittery link), played every 2.5 ms.
+  let seq = 0, ts = 0, now = 0;
+  for (let burst = 0; burst < 66; burst++) {
+    const at = burst * 60 + 1;
+    for (; now < at; now += 2.5) buf.next(now);
+    for (let k = 0; k < 24; k++, seq++, ts += 120) buf.push(seq, ts, at, payload);
+  }
+  const high = buf.stats.targetDepth;
+  assert.ok(high > 8, `target ${high} frames of 2.5 ms`);
+  // The sender goes on with 20 ms frames on a perfect network.
+  buf.setFrameSamples(960);
+  assert.equal(buf.stats.targetDepth, Math.min(8, Math.ceil((high * 2.5) / 20)));
+  const before = buf.stats;
+  for (let i = 0; i < 500; i++, seq++, ts += 960) {
+    buf.push(seq, ts, now + i * 20, payload);
+    buf.next(now + i * 20 + 1);
+  }
+  // Kept at 23 under a cap of 8, drift inserts and the cap's drops took turns: 53 drops in 10 s.
+  const after = buf.stats;
+  assert.ok(after.overflowDrops - before.overflowDrops <= 2, `${after.overflowDrops} drops`);
+  assert.ok(after.driftInserts - before.driftInserts <= 3, `${after.driftInserts} inserts`);
+});
+
 Deno.test("PlayoutBuffer waits for a late packet when nothing is buffered: a pause or a delay step loses nothing", () => {
   // A steady stream, then the network delay rises by 60 ms at once (or the sender pauses for
   // 60 ms with its sequence numbers continuous, as DTX and a muted page do); no packet is lost.
