@@ -19,7 +19,7 @@ import fs from "node:fs";
 // Imported here, not mapped in deno.json: `deno compile` embeds every package deno.json maps, and
 // this one (13 MB) is only for this test.
 // deno-lint-ignore no-import-prefix
-import type { BrowserContext, Page } from "npm:playwright-core@1.65.1";
+import type { BrowserContext, Page, Route } from "npm:playwright-core@1.65.1";
 import { AudioService } from "../lib/service.ts";
 import { createApp } from "../routes/app.ts";
 import { webRoutes } from "../routes/web.ts";
@@ -491,6 +491,39 @@ Deno.test({
         ["Listen level", "Talk level"],
       );
     });
+
+    await t.step(
+      "of two quality changes in flight, the page shows what the service took",
+      async () => {
+        // The first request hangs and fails (as the 4 s timeout ends it); the second, made while
+        // the first is pending, succeeds. The first's failure reverted the list to the value before
+        // it, and a focused list is not updated by the polls: it showed what the service did not have.
+        let puts = 0;
+        const hangFirst = async (route: Route) => {
+          if (route.request().method() !== "PUT" || ++puts > 1) return route.continue();
+          await sleep(1500);
+          return route.abort("timedout");
+        };
+        await page.route("**/api/audio/quality", hangFirst);
+        try {
+          await page.focus("#output-preset");
+          const first = service.outputPreset.name === "low" ? "ultra" : "low";
+          const second = first === "low" ? "high" : "medium";
+          await page.selectOption("#output-preset", first);
+          await sleep(200);
+          await page.selectOption("#output-preset", second);
+          await until(
+            "the service has the second choice",
+            () => service.outputPreset.name === second,
+          );
+          await sleep(2500); // the first fails meanwhile; polls follow
+          assert.equal(puts, 2);
+          assert.equal(await page.inputValue("#output-preset"), second);
+        } finally {
+          await page.unroute("**/api/audio/quality", hangFirst);
+        }
+      },
+    );
 
     await t.step("while listening the page says why nothing can be heard", async () => {
       await page.click("#listen");

@@ -1050,16 +1050,20 @@ let outputStatus = null;
 let micStatus = null;
 let serviceReachable = null;
 
-/** Sets a select's value unless the user is busy with it. */
+/**
+ * Sets a select's value unless the user is busy with it — or after its request failed
+ * (`dataset.resync`): then the service's value is what it must show, focused or not.
+ */
 function syncSelect(select, value) {
-  if (typeof value !== "string" || select.dataset.pending || document.activeElement === select) {
-    return;
-  }
+  if (typeof value !== "string" || select.dataset.pending) return;
+  if (document.activeElement === select && !select.dataset.resync) return;
+  delete select.dataset.resync;
   if ([...select.options].some((o) => o.value === value)) select.value = value;
 }
 
 function syncCheck(box, value) {
   if (typeof value !== "boolean" || box.dataset.pending) return;
+  delete box.dataset.resync;
   box.checked = value;
 }
 
@@ -1105,19 +1109,29 @@ function tokenNeeded() {
 
 /** Runs a control request with the element marked busy; reverts and explains on failure. */
 async function control(el, revert, fn) {
-  el.dataset.pending = "1";
   // Busy, not disabled: disabling the focused control sent focus to the page, and the next arrow
-  // key on a quality list was lost.
+  // key on a quality list was lost. So a second change can start while the first runs: only the
+  // newest request speaks for the control. An older one's failure is overtaken by it; when the
+  // newest fails, the control shows what the service has (the next poll sets it, focused or
+  // not) — reverted to the value before it, a list showed "high" while the service had taken an
+  // earlier "medium".
+  const mine = (el.controlSeq = (el.controlSeq ?? 0) + 1);
+  el.dataset.pending = "1";
   el.setAttribute("aria-busy", "true");
   try {
     await fn();
-    clearNotice("control");
+    if (mine === el.controlSeq) clearNotice("control");
   } catch (e) {
-    revert();
-    notify("control", "error", e.message);
+    if (mine === el.controlSeq) {
+      revert();
+      el.dataset.resync = "1";
+      notify("control", "error", e.message);
+    }
   } finally {
-    delete el.dataset.pending;
-    el.removeAttribute("aria-busy");
+    if (mine === el.controlSeq) {
+      delete el.dataset.pending;
+      el.removeAttribute("aria-busy");
+    }
   }
   poll();
 }
