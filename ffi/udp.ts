@@ -118,7 +118,13 @@ function scopeId(address: string): number {
   const at = address.indexOf("%");
   if (at < 0) return 0;
   const zone = address.slice(at + 1);
-  if (/^[0-9]+$/.test(zone)) return Number(zone);
+  if (/^[0-9]+$/.test(zone)) {
+    const index = Number(zone);
+    if (index > 0xffffffff) {
+      throw new RangeError(`Invalid address "${address}": zone ${zone} is not an interface index`);
+    }
+    return index;
+  }
   const index = libc().if_nametoindex(new TextEncoder().encode(zone + "\0"));
   if (index === 0) {
     throw new RangeError(

@@ -217,7 +217,8 @@ export function isLoopback(host: string): boolean {
 
 /** Parses `HOST:PORT` (IPv6 in brackets). */
 export function parseListen(v: string, flag = "listen"): { hostname: string; port: number } {
-  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\s]+):(\d+)$/.exec(v);
+  // An IPv6 literal may carry a zone ([fe80::1%eth0]:5004): the RTP socket uses it as its scope.
+  const m = /^(\[[0-9a-fA-F:.]+(?:%[^\]\s]+)?\]|[^:\s]+):(\d+)$/.exec(v);
   if (!m) {
     throw new ConfigError(`Invalid --${flag} "${v}": expected HOST:PORT, e.g. 127.0.0.1:8080`);
   }

@@ -102,7 +102,7 @@ function acceptWebSocket(connect: (c: Context<AppEnv>) => StreamPeer): Middlewar
         {
           field: "Sec-WebSocket-Version",
           allowed: ["13"],
-          headers: { "Sec-WebSocket-Version": "13" },
+          headers: { "Sec-WebSocket-Version": "13", Upgrade: "websocket" },
         },
       );
     }

@@ -118,6 +118,10 @@ Deno.test("listening off loopback requires a token", () => {
   parseConfig(["--listen", "localhost:1"], noEnv);
   parseConfig(["--listen", "127.0.0.2:1"], noEnv);
   parseConfig(["--listen", "[::1]:1"], noEnv);
+  // An IPv6 RTP destination may carry its zone (a link-local address needs it).
+  assert.deepEqual(parseConfig(["--rtp-out", "[fe80::1%lo]:5004"], noEnv).rtpOut, [
+    "[fe80::1%lo]:5004",
+  ]);
   // An IPv6 address is named as it is written: in brackets.
   assert.throws(
     () => parseConfig(["--listen", "[::]:8080"], noEnv),

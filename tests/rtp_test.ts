@@ -393,6 +393,7 @@ Deno.test("socketAddress carries an IPv6 zone as the scope id: a link-local dest
     socketAddress("fe80::1%lo", 5004).subarray(8, 24),
     socketAddress("fe80::1", 5004).subarray(8, 24),
   );
+  assert.throws(() => socketAddress("fe80::1%4294967296", 5004), /not an interface index/);
   assert.throws(
     () => socketAddress("fe80::1%nope0", 5004),
     /Invalid address "fe80::1%nope0": no network interface "nope0"/,

@@ -728,6 +728,7 @@ Deno.test("the talk stream upgrades whatever the case of the Upgrade header (bot
     text = await handshake(version + key);
     assert.match(text, /^HTTP\/1\.1 426 /, version);
     assert.match(text, /\r\nsec-websocket-version: 13\r\n/i);
+    assert.match(text, /\r\nupgrade: websocket\r\n/i, "a 426 names the protocol to upgrade to");
     assert.match(text, /expected Sec-WebSocket-Version: 13/);
   }
   // The RFC's own sample key, version 13: upgraded.
