@@ -32,6 +32,13 @@ export function channel(samples: Int16Array, channels: number, index = 0): Float
 }
 
 /** RMS level in dBFS of float samples (a full-scale sine is -3.01 dBFS). */
+/** The largest |sample| of 16-bit `samples` from index `from` on, as a fraction of full scale. */
+export function peakOf(samples: Int16Array, from = 0): number {
+  let peak = 0;
+  for (let i = from; i < samples.length; i++) peak = Math.max(peak, Math.abs(samples[i]!));
+  return peak / 32768;
+}
+
 export function rmsDb(x: Float64Array): number {
   let sum = 0;
   for (const v of x) sum += v * v;

@@ -6,7 +6,7 @@ import { encoderSettings, OUTPUT_PRESETS, PRESET_NAMES, type PresetName } from "
 import { useAlsaConfig, useCaptureFile, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
 import { toneOutputService } from "./output_service.ts";
 import { sleep, until } from "./net_util.ts";
-import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { channel, dominantFrequency, peakOf, rmsDb, tempDir, tone } from "./audio_util.ts";
 
 interface Collected {
   packets: Uint8Array[];
@@ -198,16 +198,9 @@ Deno.test("output pipeline: 20 quality changes while streaming lose no frame", {
   // One decoder throughout, as an RTP receiver has: no change is heard as a burst. A rebuilt
   // encoder's first frames, coded against a state the decoder did not have, came out at full
   // scale (1.0) for this tone at 0.4.
-  const peak = peakAfter(pcm, 4800);
+  const peak = peakOf(pcm, 4800 * 2);
   assert.ok(peak < 0.46, `peak ${peak.toFixed(3)} for a tone at 0.4`);
 });
-
-/** The largest |sample| of interleaved stereo `pcm` from frame `from` on, as a fraction of full scale. */
-function peakAfter(pcm: Int16Array, from: number): number {
-  let peak = 0;
-  for (let i = from * 2; i < pcm.length; i++) peak = Math.max(peak, Math.abs(pcm[i]!));
-  return peak / 32768;
-}
 
 Deno.test(
   "output pipeline: the second of two quick quality changes is answered as the worker applies it",
@@ -395,7 +388,7 @@ Deno.test("unmuting is not heard as a burst by a decoder that went on from befor
   await service.close();
   // The encoder was reset at the unmute: its first frames, coded against a state the decoder did
   // not have, came out at 1.3 times the tone's peak (997 Hz; at high, 2.5 times: full scale).
-  const peak = peakAfter(decodeStereo(c.packets), 4800);
+  const peak = peakOf(decodeStereo(c.packets), 4800 * 2);
   assert.ok(peak < 0.46, `peak ${peak.toFixed(3)} for a tone at 0.4`);
 });
 

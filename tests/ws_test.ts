@@ -16,7 +16,7 @@ import {
 } from "../lib/transport/ws_protocol.ts";
 import { createApp } from "../routes/app.ts";
 import { readRaw, useAlsaConfig, writeAlsaConfig, writeRaw } from "./alsa_devices.ts";
-import { channel, dominantFrequency, rmsDb, tempDir, tone } from "./audio_util.ts";
+import { channel, dominantFrequency, peakOf, rmsDb, tempDir, tone } from "./audio_util.ts";
 import { rawWebSocket, serveApp, sleep, until, WsClient } from "./net_util.ts";
 
 type Json = ReturnType<Registry["toJSON"]>;
@@ -545,8 +545,7 @@ Deno.test("talk stream: a second Talk numbered from 0 again plays from its first
   assert.equal(result("late"), 0);
   await service.close();
   const out = await readRaw(talk.outfile);
-  let peak = 0;
-  for (const v of out) peak = Math.max(peak, Math.abs(v) / 32768);
+  const peak = peakOf(out);
   assert.ok(peak < 0.4, `peak ${peak.toFixed(3)} for a tone at 0.25`);
 });
 

@@ -200,8 +200,9 @@ function run(init: OutputInit): void {
     let accFrames = 0;
     let frameView = acc.subarray(0, 0);
     const enc = new Int16Array(2880 * 2);
-    // The last HISTORY frames (48 kHz, device channels) the loop went through, encoded or not, a
-    // ring: a rebuilt encoder is primed with them (see applyPreset). A ring, not a longer
+    // The last HISTORY frames (48 kHz, device channels) this encoder sent — what the decoders
+    // that went on have heard; never muted or unheard frames — a ring: a rebuilt encoder is primed
+    // with them (see applyPreset). A ring, not a longer
     // accumulator, so that each frame is copied once (shifting 60 ms on every read cost 1–2 % of
     // the unpaced CPU figure).
     const hist = new Int16Array(HISTORY * devCh);
@@ -260,11 +261,7 @@ function run(init: OutputInit): void {
       ctl.checkFault();
       // Retired while blocked (a fault, a hung call): nothing more of this loop is its to do.
       if (ctl.retired) break;
-      // A new encoder is primed with what the old one sent — not with muted or unheard frames
-      // (a primed encoder carries the last 2.5 ms of them into the first frame it sends).
-      if (ctl.get(CONTROL.generation) !== generation) {
-        applyPreset(skipped ? undefined : prime);
-      }
+      if (ctl.get(CONTROL.generation) !== generation) applyPreset(prime);
       poster.tick(performance.now());
 
       if (flat && ring.available >= ring.slots - 4) {
@@ -340,7 +337,10 @@ function run(init: OutputInit): void {
           // came out of a decoder that went on — an RTP receiver, a page — as a burst). When
           // nobody was listening there is no such decoder: it starts afresh, as for a new stream.
           if (skipped) {
-            if (unheard) encoder.reset();
+            if (unheard) {
+              encoder.reset();
+              histHeld = 0; // and no decoder heard the history
+            }
             intraNext = true;
           }
           skipped = false;
@@ -367,6 +367,9 @@ function run(init: OutputInit): void {
             bitrateNow = Math.max(bitrateWanted, Math.round(bitrateNow * BITRATE_STEP_DOWN));
             encoder.configure({ bitrate: bitrateNow });
           }
+          // Only sent frames: a muted one primed into a new encoder would carry its last 2.5 ms
+          // into the first frame sent.
+          remember(start, fs);
           const done = epochMs();
           const silence = bytes <= 2;
           if (rtpActive) {
@@ -396,11 +399,10 @@ function run(init: OutputInit): void {
         rtp = (rtp + fs) >>> 0;
         ctl.set(CONTROL.nextSeq, seq);
         ctl.set(CONTROL.nextTimestamp, rtp | 0);
-        remember(start, fs);
         start += fs;
         // A preset change takes effect at this frame boundary.
         if (ctl.get(CONTROL.generation) !== generation) {
-          applyPreset(skipped ? undefined : prime);
+          applyPreset(prime);
           fs = frameSamples(preset);
         }
       }
